@@ -1,0 +1,1 @@
+"""minillm.engine"""

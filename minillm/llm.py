@@ -1,0 +1,122 @@
+"""LLM: the offline entry point, shaped like vLLM's (`generate`, `chat`) plus `stream`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from minillm.engine.llm_engine import EngineConfig, LLMEngine
+from minillm.engine.outputs import CompletionOutput, RequestOutput
+from minillm.loader import load_model
+from minillm.sampling import SamplingParams
+
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """Load a model once and run batches of prompts through one continuous-batching engine.
+
+    >>> llm = LLM("smollm2")
+    >>> llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=8))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str = "smollm2", *, backend: str = "auto",
+                 block_size: int = 16, kv_cache_memory: str | int = "256MiB",
+                 num_kv_blocks: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True) -> None:
+        self.loaded = load_model(model, backend)
+        self.engine = LLMEngine(self.loaded.model, self.loaded.tokenizer, EngineConfig(
+            block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - minillm.tokenizer.Tokenizer
+        return self.loaded.tokenizer
+
+    @property
+    def config(self):  # noqa: ANN201 - minillm.config.ModelConfig
+        return self.loaded.config
+
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        return self.loaded.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------------ batch APIs
+    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion (batched); outputs in the order of the prompts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = self._params_list(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                rid = f"gen-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while len(finished) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return [finished[r] for r in ids]
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             ) -> list[RequestOutput]:
+        """Like generate, for conversations: each goes through the model's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self.generate([self.apply_chat_template(c) for c in convs], sampling_params)
+
+    def stream(self, prompt: str | Messages,
+               sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one request's output as it grows, in DELTA mode (only the new text/tokens)."""
+        text = prompt if isinstance(prompt, str) else self.apply_chat_template(prompt)
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() supports n=1; use generate() for n > 1")
+        rid = f"stream-{next(self._ids)}"
+        self.engine.add_request(rid, text, params)
+        sent_text, sent_ids = 0, 0
+        try:
+            done = False
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    c = out.outputs[0]
+                    delta = CompletionOutput(c.index, c.text[sent_text:], c.token_ids[sent_ids:],
+                                             c.finish_reason, c.stop_reason, c.cumulative_logprob,
+                                             c.logprobs)
+                    sent_text, sent_ids = len(c.text), len(c.token_ids)
+                    done = out.finished
+                    yield RequestOutput(rid, out.prompt, out.prompt_token_ids, [delta],
+                                        out.finished, out.metrics)
+        finally:
+            if not done:
+                self.engine.abort_request(rid)
+
+    @staticmethod
+    def _params_list(params: SamplingParams | Sequence[SamplingParams] | None,
+                     n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return list(params)

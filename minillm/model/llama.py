@@ -1,0 +1,85 @@
+"""The Llama-family transformer (Llama, SmolLM2, TinyLlama, Qwen2), written once.
+
+Every op goes through the active backend (`minillm.kernels.*`), so the same forward pass runs
+on torch (ref), Numba (cpu) or numba.cuda (cuda). Shapes in comments: T tokens, d model dim,
+H/KvH heads, D head dim, f FFN dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from minillm.config import ModelConfig
+from minillm.model.batch import ForwardBatch
+from minillm.model.weights import ModelWeights
+
+
+class Layer:
+    def __init__(self, lw: Any, ops: ModuleType) -> None:
+        vec, lin = ops.prepare_vector, ops.prepare_linear
+        self.attn_norm, self.ffn_norm = vec(lw.attn_norm), vec(lw.ffn_norm)
+        self.wq, self.wk, self.wv, self.wo = lin(lw.wq), lin(lw.wk), lin(lw.wv), lin(lw.wo)
+        self.bq, self.bk, self.bv = (None if b is None else vec(b) for b in (lw.bq, lw.bk, lw.bv))
+        self.w_gate, self.w_up, self.w_down = lin(lw.w_gate), lin(lw.w_up), lin(lw.w_down)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ops: ModuleType) -> None:
+        self.config, self.ops = config, ops
+        self.embed = ops.prepare_embedding(weights.embed)
+        self.layers = [Layer(lw, ops) for lw in weights.layers]
+        self.final_norm = ops.prepare_vector(weights.final_norm)
+        self.lm_head = (
+            ops.prepare_linear(weights.lm_head) if weights.lm_head is not None
+            else ops.tied_lm_head(self.embed) if hasattr(ops, "tied_lm_head") else self.embed
+        )
+        d = config.head_dim
+        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        self.scale = d ** -0.5
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (T, D/2) of each token's rotation angles: position * theta^(-2i/D)."""
+        angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        return torch.cos(angles).float(), torch.sin(angles).float()
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, k_caches: list[torch.Tensor],
+                v_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Run the new tokens through all layers, writing their K/V; return (S, V) logits."""
+        ops, cfg = self.ops, self.config
+        t = batch.num_tokens
+        cos, sin = self.rope_tables(batch.positions)
+        x = ops.embedding(batch.token_ids, self.embed)  # (T, d)
+        for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
+            # ---- attention block: x + Wo · attn(rope(Wq·h), rope(Wk·h), Wv·h), h = norm(x)
+            h = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            q = ops.linear(h, layer.wq, layer.bq).reshape(t, cfg.num_heads, cfg.head_dim)
+            k = ops.linear(h, layer.wk, layer.bk).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            v = ops.linear(h, layer.wv, layer.bv).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+            ops.store_kv(k, v, kc, vc, batch.slot_mapping)
+            attn = self._attention(q, kc, vc, batch)  # (T, H, D)
+            x = x + ops.linear(attn.reshape(t, -1), layer.wo)
+            # ---- feed-forward block (SwiGLU): x + W_down · (silu(W_gate·h) * W_up·h)
+            h = ops.rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
+            gate_up = ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up))
+            x = x + ops.linear(gate_up, layer.w_down)
+        # only the rows that will be sampled need the (big) vocabulary projection
+        h = ops.rms_norm(x[batch.logits_rows], self.final_norm, cfg.rms_norm_eps)
+        return ops.linear(h, self.lm_head)  # (S, V)
+
+    def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                   batch: ForwardBatch) -> torch.Tensor:
+        ops = self.ops
+        parts = []
+        if batch.num_decode:
+            parts.append(ops.attention_decode_paged(
+                q[: batch.num_decode], kc, vc, batch.decode_block_tables,
+                batch.decode_context_lens, self.scale))
+        for p in batch.prefills:
+            parts.append(ops.attention_prefill(
+                q[p.start : p.start + p.length], kc, vc, p.block_table, p.context_len, self.scale))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
