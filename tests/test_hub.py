@@ -11,8 +11,11 @@ from __future__ import annotations
 import _thread
 import http.server
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -576,3 +579,26 @@ def test_choose_files_gguf_rules():
         choose_files(["config.json", "model.safetensors", "tokenizer.model"], None, "hf:o/n")
     with pytest.raises(ValueError, match="neither"):
         choose_files(["pytorch_model.bin", "config.json"], None, "hf:o/n")
+
+
+def test_leftovers_of_a_killed_pull_are_swept(home):
+    from minillm.hub.download import sweep_stale_temp_dirs
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    models = home / "models"
+    names = [
+        f".tmp-hf-a-b-1234abcd-{dead}-00ff00ff",
+        f".old-hf-a-b-1234abcd-{dead}",
+        f".trash-hf-a-b-1234abcd-{dead}",
+        f".tmp-hf-a-b-1234abcd-{os.getpid()}-00ff00ff",
+        "hf-a-b-1234abcd",
+    ]
+    for name in names:
+        (models / name).mkdir(parents=True)
+    sweep_stale_temp_dirs()
+    assert sorted(p.name for p in models.iterdir()) == sorted(names[3:])  # ours and the model stay

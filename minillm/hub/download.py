@@ -62,14 +62,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale_temp_dirs() -> None:
-    """Delete temporary folders left by a pull that was killed (its process is gone)."""
-    for tmp in models_dir().glob(".tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 2)[-2])
-        except (ValueError, IndexError):
+    """Delete folders left by a pull or rm that was killed (its process is gone):
+    ``.tmp-<slug>-<pid>-<hex>``, ``.old-<slug>-<pid>``, ``.trash-<slug>-<pid>``."""
+    for leftover in models_dir().glob(".*-*"):
+        parts = leftover.name.split("-")
+        pid_text = parts[-2] if leftover.name.startswith(".tmp-") else parts[-1]
+        if not leftover.name.startswith((".tmp-", ".old-", ".trash-")) or not pid_text.isdigit():
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
