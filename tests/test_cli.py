@@ -20,7 +20,7 @@ import pytest
 from minillm.cli import main
 from minillm.config import ModelConfig
 from minillm.hub import show
-from minillm.hub.gguf_header import read_gguf_header
+from minillm.formats.gguf import read_header as read_gguf_header
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,6 @@ from minillm.hub import (
 )
 from minillm.hub import bundled as bundled_mod
 from minillm.hub.download_worker import choose_files
-from minillm.hub.gguf_header import read_gguf_header
 from minillm.hub.safetensors_header import read_safetensors_header
 
 REMOTE_MS = "modelscope:Qwen/Qwen2.5-0.5B-Instruct"
@@ -315,22 +314,6 @@ def test_show_bundled_matches_the_gguf_metadata(gguf_ref, bundled_gguf_path):
     assert info["size"] == bundled_gguf_path.stat().st_size
     assert info["path"] == str(bundled_gguf_path.resolve())
     json.dumps(info)  # JSON-ready, for `minillm show --json` and /api/show
-
-
-def test_gguf_header_reader_agrees_with_the_gguf_package(gguf_ref, bundled_gguf_path):
-    header = read_gguf_header(bundled_gguf_path)
-    assert header.metadata == gguf_ref.metadata
-    ours = {t.name: (t.type_name, t.shape) for t in header.tensors}
-    theirs = {name: (t.format, t.shape) for name, t in gguf_ref.tensors.items()}
-    assert ours == theirs
-
-
-def test_gguf_header_reader_rejects_a_truncated_file(bundled_gguf_path, tmp_path):
-    cut = tmp_path / "cut.gguf"
-    with open(bundled_gguf_path, "rb") as f:
-        cut.write_bytes(f.read(100_000))  # inside the token list
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        read_gguf_header(cut)
 
 
 def test_show_hf_folder(tiny_hf):

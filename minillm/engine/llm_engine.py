@@ -200,12 +200,8 @@ class LLMEngine:
             return [seq]
         req.forked = True
         seqs = [seq]
-        base_seed = seq.params.seed
         for i in range(1, seq.params.n):
-            gen = None
-            if base_seed is not None:
-                gen = torch.Generator().manual_seed(base_seed * 1_000_003 + i)
-            child = seq.fork(i, gen)
+            child = seq.fork(i, make_generator(seq.params, index=i))
             self.block_manager.fork(seq, child)
             self.scheduler.running.insert(self.scheduler.running.index(seq) + i, child)
             req.seqs.append(child)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import ModelConfig
-from minillm.hub.gguf_header import read_gguf_header
+from minillm.formats.gguf import read_header as read_gguf_header
 from minillm.hub.ref import ModelRef
 from minillm.hub.registry import tree_size
 from minillm.hub.resolver import resolve
