@@ -13,7 +13,7 @@ import torch
 
 from minillm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minillm.engine.runner import ModelRunner
-from minillm.engine.scheduler import Scheduler, SchedulerConfig
+from minillm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.kv.block_manager import BlockManager
 from minillm.kv.cache import KVCache, parse_size
@@ -93,6 +93,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.last_scheduled: ScheduledBatch | None = None
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
 
     # ------------------------------------------------------------------ requests
@@ -150,6 +151,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling decision and one forward pass; outputs of the requests it advanced."""
         sched = self.scheduler.schedule()
+        self.last_scheduled = sched  # for teaching views (scheduler timeline) and tests
         if not sched.seqs:
             return []
         now = time.perf_counter()
