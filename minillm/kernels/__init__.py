@@ -1,17 +1,55 @@
-"""Backends: small namespaces of ops (see ref.py for the contract) chosen by name."""
+"""Backends: small namespaces of ops (see ref.py for the contract) chosen by name.
+
+- ``ref``: torch fp32, the readable specification.
+- ``cpu``: Numba ``njit`` kernels that compute on the quantized blocks directly.
+- ``cuda``: ``numba.cuda`` kernels (a real GPU, or the simulator with NUMBA_ENABLE_CUDASIM=1).
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
-BACKENDS = ("ref",)
+BACKENDS = ("ref", "cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    """A real NVIDIA GPU that numba.cuda can use (the simulator does not count for 'auto')."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # numba-cuda missing or no driver
+        return False
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(f"minillm.kernels.{name}")
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend_name(name: str = "auto") -> str:
+    """'auto' -> cuda when a GPU is there, else cpu (Numba), else ref."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
+                             "or 'auto'")
+        return name
+    if cuda_available() and _importable("cuda"):
+        return "cuda"
+    return "cpu" if _importable("cpu") else "ref"
 
 
 def get_backend(name: str = "auto") -> ModuleType:
     """The backend module for `name`; 'auto' picks the fastest one this machine can run."""
-    if name == "auto":
-        name = BACKENDS[-1]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)} or 'auto'")
-    return importlib.import_module(f"minillm.kernels.{name}")
+    resolved = resolve_backend_name(name)
+    try:
+        return importlib.import_module(f"minillm.kernels.{resolved}")
+    except ImportError as e:
+        raise ValueError(f"backend {resolved!r} is not available here: {e}") from e
