@@ -1,0 +1,147 @@
+"""AsyncLLMEngine: many concurrent clients, one engine loop.
+
+The engine is plain, single-threaded Python, so it gets one thread of its own that does
+nothing but ``step()``. Coroutines hand it commands (add, abort) through a thread-safe
+queue and receive outputs on per-request asyncio queues. Every live request joins the next
+step, which is what makes a server's concurrent clients share batches (continuous batching).
+A bad request fails alone; an error inside ``step()`` fails the requests in flight and the
+loop goes on serving the next ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from minillm.engine.llm_engine import LLMEngine
+from minillm.engine.outputs import RequestOutput
+from minillm.sampling import SamplingParams
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput | BaseException | None (end)
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.on_finished: list[Callable[[RequestOutput], None]] = []  # metrics hooks
+        self.errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="minillm-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ client side
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative output after every step that advanced it.
+
+        Leaving the loop early (a client that disconnects) aborts the request, which frees
+        its KV blocks."""
+        self.start()
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[rid] = stream
+        self._commands.put(("add", (rid, prompt, params or SamplingParams(), time.perf_counter())))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is None:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", rid))
+            self._streams.pop(rid, None)
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
+            block = not eng.has_unfinished_requests()
+            try:
+                cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                self._handle(cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if not eng.has_unfinished_requests():
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:  # a bug must not kill the server: fail what was in flight
+                self.errors += 1
+                for rid in list(eng.requests):
+                    eng.abort_request(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+                if out.finished:
+                    for hook in self.on_finished:
+                        hook(out)
+
+    def _handle(self, cmd: tuple[str, Any]) -> None:
+        kind, arg = cmd
+        if kind == "add":
+            rid, prompt, params, arrival = arg
+            if rid not in self._streams:  # the client left before we got to it
+                return
+            try:
+                self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+            except Exception as e:  # bad input: this request fails, nobody else notices
+                self._deliver(rid, e)
+        elif kind == "abort":
+            out = self.engine.abort_request(arg)
+            if out is not None:
+                self._deliver(arg, out)
+
+    def _deliver(self, rid: str, item: Any) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            stream.put(item)
