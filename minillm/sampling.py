@@ -243,10 +243,32 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     k = top_k.clamp(max=vocab)
     if not bool((k > 0).any()):
         return logits
-    sorted_desc = logits.sort(dim=1, descending=True).values
-    kth = sorted_desc.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
+    # topk of the largest k asked for, not a full sort: 49k-wide sorts dominate a decode step
+    largest = logits.topk(int(k.max()), dim=1).values
+    kth = largest.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
     kth = torch.where((k > 0).unsqueeze(1), kth, torch.full_like(kth, -math.inf))
     return logits.masked_fill(logits < kth, -math.inf)
+
+
+def _sorted_head(probs: torch.Tensor, top_p: torch.Tensor, head: int = 256) -> torch.Tensor:
+    """The largest probabilities of each row in descending order, as many as top-p can need.
+
+    If a row's `head` largest probabilities already add up to p, no token beyond them can be
+    in the nucleus, so sorting those is exact; only rows whose nucleus is wider than `head`
+    (very flat distributions) pay for a full sort of the vocabulary.
+    """
+    vocab = probs.shape[1]
+    if vocab <= head:
+        return probs.sort(dim=1, descending=True).values
+    top = probs.topk(head, dim=1).values  # sorted, descending
+    wide = top.sum(dim=1) < top_p.to(probs.dtype)
+    if not bool(wide.any()):
+        return top
+    full = probs[wide].sort(dim=1, descending=True).values
+    out = torch.zeros_like(probs)
+    out[:, :head] = top
+    out[wide] = full
+    return out
 
 
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -259,7 +281,7 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     if not bool(active.any()):
         return logits
     probs = logits.softmax(dim=1)
-    sorted_probs = probs.sort(dim=1, descending=True).values
+    sorted_probs = _sorted_head(probs, top_p)
     mass_above = sorted_probs.cumsum(dim=1) - sorted_probs
     num_kept = (mass_above < top_p.to(probs.dtype).unsqueeze(1)).sum(dim=1).clamp(min=1)
     threshold = sorted_probs.gather(1, (num_kept - 1).unsqueeze(1))

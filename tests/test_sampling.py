@@ -472,3 +472,21 @@ def test_sampled_token_outside_top_k_logprobs_is_added():
     res = Sampler().sample(logits, [ctx(p, prompt=[0, 1])])[0]
     assert res.token_id == 2
     assert set(res.top_logprobs) == {0, 1, 2}
+
+
+def test_top_p_and_top_k_on_a_real_sized_vocabulary():
+    """Wide vocabularies take the partial-sort fast path for peaked rows and the full sort for
+    flat ones; both must equal the full-sort reference."""
+    gen = torch.Generator().manual_seed(11)
+    vocab = 5000
+    peaked = torch.randn(3, vocab, generator=gen) * 6  # nucleus within a few hundred tokens
+    flat = torch.randn(3, vocab, generator=gen) * 0.1  # nucleus of thousands of tokens
+    logits = torch.cat([peaked, flat])
+    ps = [0.5, 0.9, 0.99, 0.5, 0.9, 0.99]
+    got = apply_top_p(logits, torch.tensor(ps))
+    want = np.stack([ref_top_p(r, p) for r, p in zip(logits.double().numpy(), ps, strict=True)])
+    np.testing.assert_array_equal(torch.isfinite(got).numpy(), np.isfinite(want))
+    ks = [1, 40, 300, 0, 4999, 5000]
+    got_k = apply_top_k(logits, torch.tensor(ks))
+    want_k = np.stack([ref_top_k(r, k) for r, k in zip(logits.numpy(), ks, strict=True)])
+    np.testing.assert_array_equal(torch.isfinite(got_k).numpy(), np.isfinite(want_k))
