@@ -168,3 +168,12 @@ def test_random_interleavings_leak_nothing(tiny_path, solo_outputs, ops):
     for rid, toks in done.items():
         i = int(rid[1:])
         assert toks == expected[ops[i][1]], "a finished request differs from its solo run"
+
+
+def test_max_model_len_must_fit_in_the_cache(tiny_path):
+    with pytest.raises(ValueError, match="KV slots"):
+        make_llm(tiny_path, num_kv_blocks=4, max_model_len=100)
+    llm = make_llm(tiny_path, num_kv_blocks=4)  # default max_model_len shrinks to the cache
+    assert llm.engine.max_model_len == 16
+    out = llm.generate([[5, 6, 7]], greedy(100))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 16 - 3

@@ -73,11 +73,15 @@ class LLMEngine:
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory!r} holds {num_blocks} "
                              f"blocks of {per_block} bytes; need at least 2")
-        capacity = (num_blocks - 1) * config.block_size
+        capacity = num_blocks * config.block_size
         max_len = config.max_model_len or min(mc.max_position_embeddings, capacity)
         if max_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's context length "
                              f"{mc.max_position_embeddings}")
+        if max_len > capacity:  # one sequence alone must always fit, or it could never finish
+            raise ValueError(f"max_model_len={max_len} needs more KV slots than the cache holds "
+                             f"({num_blocks} blocks x {config.block_size} = {capacity}); raise "
+                             "kv_cache_memory or lower max_model_len")
         self.max_model_len = max_len
         self.kv_cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
                                 mc.head_dim)
@@ -153,6 +157,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.last_scheduled = sched  # for teaching views (scheduler timeline) and tests
         if not sched.seqs:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("the scheduler cannot admit the next waiting request even "
+                                   "with an empty batch; this is a bug, please report it")
             return []
         now = time.perf_counter()
         for seq in sched.seqs:
