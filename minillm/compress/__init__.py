@@ -1,0 +1,1 @@
+"""Compression: quantize, prune and distill real models, and measure what each costs."""
