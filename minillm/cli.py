@@ -1,4 +1,5 @@
-"""`minillm`: the command line, shaped like Ollama's (`run`, `pull`, `list`, `show`, `rm`).
+"""`minillm`: the command line, shaped like Ollama's (`run`, `pull`, `list`, `show`, `rm`,
+`create`) plus vLLM's (`serve`) and a load generator (`bench`).
 
 `minillm run MODEL PROMPT` streams the answer to stdout, then, after a blank line, prints the
 timing lines `ollama run --verbose` prints (always, not only with --verbose, so every run
@@ -10,6 +11,10 @@ teaches where the time goes). Which mode `run` picks:
   from stdin even when it is a pipe, so `printf 'hello\\n/bye\\n' | minillm run smollm2 -i`
   drives it from a script.
 
+`minillm create NAME -f Modelfile` registers a model made from a Modelfile (a base model plus
+SYSTEM, PARAMETER, TEMPLATE, MESSAGE); `run NAME` and `serve NAME` apply it, and flags given on
+the command line override its PARAMETERs.
+
 Errors (unknown model, network, bad flag values) print `Error: <message>` on stderr and exit 1.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +38,8 @@ from minillm.hub import (
     resolve,
     show,
 )
+from minillm.hub.created import create_model, load_profile
+from minillm.hub.modelfile import Modelfile
 from minillm.hub.units import human_bytes
 
 REPL_HELP = """Available commands:
@@ -149,14 +157,41 @@ def _show_text(info: dict[str, Any]) -> str:
             ("path", info["path"]),
         ],
     )
+    if info.get("modelfile"):
+        params = info.get("modelfile_parameters") or {}
+        out += block(
+            "Modelfile",
+            [
+                ("base model", info.get("base_model")),
+                ("system", _one_line(info.get("system"))),
+                *[(k, v) for k, v in params.items()],
+            ],
+        )
     if info.get("license"):
         first = str(info["license"]).strip().splitlines()[0]
         out += block("License", [(first, "")])
     return "\n".join(out).rstrip() + "\n"
 
 
+def _one_line(text: str | None, width: int = 60) -> str | None:
+    if not text:
+        return None
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     info = show(args.model)
+    if args.modelfile:
+        print(info.get("modelfile") or f"FROM {info['path']}\n", end="")
+        return 0
+    if args.parameters or args.system:
+        profile = load_profile(info["name"])
+        if args.parameters:
+            print(profile.parameters_text() if profile else "(no parameters set)")
+        else:
+            print(profile.system if profile and profile.system else "(no system prompt)")
+        return 0
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
     elif args.template:
@@ -186,6 +221,20 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- run
+RUN_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "max_tokens": 512}
+
+
+def run_sampling_kwargs(args: argparse.Namespace, profile: Modelfile | None) -> dict[str, Any]:
+    """run's defaults < the Modelfile's PARAMETERs < flags given on the command line."""
+    kwargs: dict[str, Any] = dict(RUN_DEFAULTS)
+    if profile is not None:
+        kwargs.update(profile.sampling_kwargs())
+    for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
 class Chat:
     """One loaded model plus the sampling settings of this `run`."""
 
@@ -194,16 +243,18 @@ class Chat:
         from minillm import LLM, SamplingParams
 
         self.out = out
-        self.params = SamplingParams(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_tokens=args.max_tokens,
-            seed=args.seed,
-        )
+        profile = getattr(args, "profile", None)
+        self.params = SamplingParams(**run_sampling_kwargs(args, profile))
         t0 = time.perf_counter()
-        self.llm = LLM(args.model, backend=args.backend)
+        kw = {"max_model_len": profile.context_length} if profile and profile.context_length else {}
+        self.llm = LLM(args.model, backend=args.backend, **kw)
         self.load_seconds = time.perf_counter() - t0
+        # a Modelfile TEMPLATE renders the prompt; otherwise LLM.stream uses the model's own
+        self.render = (
+            profile.prompt_renderer(self.llm.loaded.chat_template)
+            if profile and profile.template
+            else None
+        )
         if args.verbose:
             cfg = self.llm.config
             print(
@@ -216,7 +267,8 @@ class Chat:
         """Stream one reply to ``out``; then the timing block. Returns the reply text."""
         start = time.perf_counter()
         pieces, final = [], None
-        for delta in self.llm.stream(messages, self.params):
+        prompt = self.render(messages) if self.render else messages
+        for delta in self.llm.stream(prompt, self.params):
             text = delta.outputs[0].text
             if text:
                 pieces.append(text)
@@ -232,7 +284,12 @@ class Chat:
 
 
 def _system(args: argparse.Namespace) -> list[dict[str, str]]:
-    return [{"role": "system", "content": args.system}] if args.system else []
+    """How every conversation starts: the system prompt (--system, else the Modelfile's SYSTEM),
+    then the Modelfile's MESSAGE turns."""
+    profile = getattr(args, "profile", None)
+    system = args.system if args.system is not None else (profile.system if profile else None)
+    head = [{"role": "system", "content": system}] if system else []
+    return head + ([dict(m) for m in profile.messages] if profile else [])
 
 
 def repl(
@@ -292,6 +349,7 @@ def _stdin_line(prompt: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    args.profile = load_profile(args.model)  # None unless `minillm create` made this model
     stdin_is_tty = sys.stdin is not None and sys.stdin.isatty()
     prompt = " ".join(args.prompt) if args.prompt else None
     if prompt is None and not args.interactive and not stdin_is_tty:
@@ -303,6 +361,106 @@ def cmd_run(args: argparse.Namespace) -> int:
         chat.answer([*_system(args), {"role": "user", "content": prompt}], chat.load_seconds)
         return 0
     return repl(chat, args, prompt, _stdin_line)
+
+
+# ---------------------------------------------------------------- create / serve / bench
+def cmd_create(args: argparse.Namespace) -> int:
+    print(f"parsing {args.file}")
+    manifest, spec = create_model(args.name, args.file)
+    print(f"using base model {spec.from_} ({manifest.path})")
+    for name in spec.ignored_parameters:
+        print(f"note: PARAMETER {name} is valid for Ollama but has no effect in minillm")
+    print("writing manifest")
+    print("success")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    resolve(args.model)  # an unknown name fails before torch and the model are loaded
+    profile = load_profile(args.model)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from minillm import LLM
+    from minillm.serve import build_app, serve
+
+    max_len = args.max_model_len or (profile.context_length if profile else None)
+    t0 = time.perf_counter()
+    llm = LLM(
+        args.model,
+        backend=args.backend,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=max_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    names = args.served_model_name or [args.model]
+    app = build_app(
+        llm,
+        api_key=args.api_key,
+        served_model_name=names,
+        profile=profile,
+        max_queued_requests=args.max_queued_requests,
+    )
+    eng = llm.engine
+    print(
+        f"loaded {args.model} ({llm.config.arch}, backend {llm.loaded.backend.name}) in "
+        f"{time.perf_counter() - t0:.1f}s; {eng.block_manager.num_blocks} KV blocks of "
+        f"{args.block_size} tokens, max_model_len {eng.max_model_len}",
+        flush=True,
+    )
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"serving {', '.join(names)} at {base}  (OpenAI: {base}/v1, Ollama: {base}/api, "
+        f"metrics: {base}/metrics)",
+        flush=True,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print("warning: listening beyond this machine without --api-key", file=sys.stderr)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from minillm.bench import BenchConfig, bench, format_report
+
+    model = args.model or _first_served_model(args.base_url, args.api_key)
+    cfg = BenchConfig(
+        base_url=args.base_url,
+        model=model,
+        concurrency=args.concurrency,
+        num_requests=args.num_requests,
+        max_tokens=args.max_tokens,
+        prompt_len=args.prompt_len,
+        endpoint=args.endpoint,
+        api_key=args.api_key,
+        ignore_eos=args.ignore_eos,
+        temperature=args.temperature,
+        timeout=args.timeout,
+        seed=args.seed,
+    )
+    report = bench(cfg)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(report.to_json() + "\n")
+    return 0 if report.completed else 1
+
+
+def _first_served_model(base_url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        data = httpx.get(f"{base_url.rstrip('/')}/v1/models", headers=headers, timeout=10).json()
+        return data["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(
+            f"could not ask {base_url}/v1/models which model it serves ({e}); pass --model"
+        ) from e
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -323,10 +481,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="REPL even when stdin is a pipe (lines are read from it)",
     )
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
-    p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
-    p.add_argument("--max-tokens", type=int, default=512, help="reply length cap (default 512)")
+    # None: the Modelfile's PARAMETER if the model has one, else RUN_DEFAULTS
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 0.9)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (default 40)")
+    p.add_argument("--max-tokens", type=int, default=None, help="reply length cap (default 512)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
     p.add_argument("--backend", default="auto", help="ref | cpu | cuda | auto (default auto)")
     p.add_argument("--verbose", action="store_true", help="also report how the model was loaded")
@@ -354,11 +513,108 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     group.add_argument("--template", action="store_true", help="print the chat template only")
     group.add_argument("--license", action="store_true", help="print the license only")
     group.add_argument("--json", action="store_true", help="everything, as JSON")
+    group.add_argument("--modelfile", action="store_true", help="print the Modelfile")
+    group.add_argument("--parameters", action="store_true", help="print the PARAMETERs")
+    group.add_argument("--system", action="store_true", help="print the system prompt")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("rm", help="remove models (downloaded files are deleted)")
     p.add_argument("models", nargs="+", metavar="model")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("create", help="make a model from a Modelfile (FROM, SYSTEM, PARAMETER...)")
+    p.add_argument("name", help="the new model's name, e.g. mario or mario:v1")
+    p.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("serve", help="serve a model over OpenAI- and Ollama-compatible HTTP APIs")
+    p.add_argument("model", help="smollm2, a path, a pulled or created model")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface (default 127.0.0.1; 0.0.0.0 opens it to the network)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MINILLM_API_KEY"),
+        help="require `Authorization: Bearer KEY` (default $MINILLM_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the name(s) clients use (default: MODEL)",
+    )
+    p.add_argument("--backend", default="auto", help="ref | cpu | cuda | auto (default auto)")
+    p.add_argument(
+        "--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)"
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="most tokens in one step (default 2048)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default: the model's, capped by the KV cache)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default="256MiB",
+        help="memory for the KV cache, e.g. 512MiB (default 256MiB)",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV blocks of shared prompt prefixes (default on)",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=512,
+        help="requests in flight before new ones get 503 (default 512)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "bench", help="load-test an OpenAI-compatible server: TTFT, TPOT, throughput, P50/P90/P99"
+    )
+    p.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8000",
+        help="the server (default http://127.0.0.1:8000)",
+    )
+    p.add_argument("--model", default=None, help="model name (default: the first it serves)")
+    p.add_argument("--concurrency", type=int, default=1, help="concurrent clients (default 1)")
+    p.add_argument("--num-requests", type=int, default=8, help="requests in all (default 8)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    p.add_argument("--prompt-len", type=int, default=32, help="words per prompt (default 32)")
+    p.add_argument(
+        "--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"]
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer key (default $OPENAI_API_KEY)",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="ask for exactly max-tokens tokens (vLLM's extra parameter)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
     return parser, dict(sub.choices)
 
 

@@ -91,4 +91,8 @@ def remove(name: str) -> ModelRef:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         delete_manifest(key)
+        if manifest.source == "modelfile":  # a `minillm create` model: forget its Modelfile too
+            from minillm.hub.created import delete_profile
+
+            delete_profile(key)
     return ModelRef(manifest.name, manifest.source, Path(manifest.path), manifest.format)  # type: ignore[arg-type]

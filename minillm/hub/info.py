@@ -160,5 +160,23 @@ def describe(ref: ModelRef) -> dict[str, Any]:
 
 
 def show(name: str) -> dict[str, Any]:
-    """Facts about a model (architecture, parameters, quantization, shapes, template, license)."""
-    return describe(resolve(name))
+    """Facts about a model (architecture, parameters, quantization, shapes, template, license).
+
+    A model made by `minillm create` also reports its Modelfile: system prompt, parameters,
+    and its own template and license where the Modelfile sets them.
+    """
+    facts = describe(resolve(name))
+    from minillm.hub.created import load_profile
+
+    profile = load_profile(name)
+    if profile is not None:
+        facts["modelfile"] = profile.to_text()
+        facts["system"] = profile.system
+        facts["modelfile_parameters"] = profile.parameters
+        facts["messages"] = profile.messages
+        facts["base_model"] = profile.from_
+        if profile.template is not None:
+            facts["chat_template"] = profile.template
+        if profile.license:
+            facts["license"] = "\n\n".join(profile.license)
+    return facts

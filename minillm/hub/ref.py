@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Source = Literal["bundled", "path", "modelscope", "hf", "registry"]
+Source = Literal["bundled", "path", "modelscope", "hf", "registry", "modelfile"]
 Format = Literal["gguf", "hf"]
 
 HF_REQUIRED_FILES = ("config.json", "tokenizer.json")
