@@ -22,9 +22,10 @@ Where the data lives:
   ``numba.cuda.to_device(...)``) as k_cache/v_cache and the ops use them in place, with no
   copies and global block ids. Both paths are tested.
 
-Launch shapes are a ``LaunchConfig``: the GPU one (a warp per matvec row, 16x16 tiles, a block
-per work item) or a small one for the simulator, where each thread and each barrier costs
-real time. The kernels are correct under either (grid-stride loops).
+Launch shapes are a ``LaunchConfig``: the GPU one (a warp per matvec row, 64-column x 16-token
+matmul tiles, a block per work item) or a small one for the simulator, where each thread costs
+a Python thread and each barrier a round of thread switches. The kernels are correct under
+either (grid-stride loops), and the tests run both.
 """
 
 from __future__ import annotations
