@@ -19,6 +19,7 @@ not send it, from the number of text chunks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import math
 import random
@@ -234,7 +235,14 @@ async def run_bench(cfg: BenchConfig) -> BenchReport:
 
 
 def bench(cfg: BenchConfig) -> BenchReport:
-    return asyncio.run(run_bench(cfg))
+    """Run the benchmark to completion (from plain code or from a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_bench(cfg))
+    # an event loop already runs in this thread (Jupyter): run ours on a worker thread
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run_bench(cfg)).result()
 
 
 def format_report(report: BenchReport) -> str:
