@@ -296,3 +296,73 @@ def test_bundled_model_answers_for_real(bundled_gguf_path, free_port):
             messages=[{"role": "user", "content": "What is the capital of France?"}],
         )
     assert "Paris" in r.choices[0].message.content
+
+
+# ---------------------------------------------------------------------------- the CLI
+def test_minillm_serve_command_line(tiny_dir, free_port, tmp_path):
+    """`minillm serve` as a user runs it: a real process, vLLM's flag names reach the engine."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "MINILLM_HOME": str(tmp_path / "home")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "minillm.cli",
+        "serve",
+        str(tiny_dir),
+        "--port",
+        str(port),
+        "--api-key",
+        "sk-cli",
+        "--served-model-name",
+        "cli-tiny",
+        "--backend",
+        "ref",
+        "--max-model-len",
+        "128",
+        "--block-size",
+        "8",
+        "--kv-cache-memory",
+        "1MiB",
+        "--max-num-seqs",
+        "4",
+        "--no-enable-prefix-caching",
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sk-cli"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "minillm serve did not come up"
+            time.sleep(0.2)
+        models = httpx.get(url + "/v1/models", headers=auth).json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [("cli-tiny", 128)]
+        assert httpx.get(url + "/v1/models").status_code == 401
+        body = {"model": "cli-tiny", "prompt": "the same long prompt, twice " * 6, "max_tokens": 3}
+        for _ in range(2):
+            assert httpx.post(url + "/v1/completions", json=body, headers=auth).status_code == 200
+        metrics = httpx.get(url + "/metrics").text
+        assert 'vllm:prefix_cache_hits_total{model_name="cli-tiny"} 0.0' in metrics
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "serving cli-tiny at http://127.0.0.1:" in out
+    assert "KV blocks of 8 tokens, max_model_len 128" in out
