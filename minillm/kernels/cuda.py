@@ -15,9 +15,9 @@ Where the data lives:
   (torch CUDA tensors passed through ``__cuda_array_interface__``, zero-copy).
 - **the KV cache** is the engine's: CPU tensors (NB, BS, KvH, D). An op copies over only the
   blocks it touches (the ones in its block tables or slot mapping), runs, and ``store_kv``
-  writes those blocks back in place. So each decode step moves every sequence's whole KV over
-  PCIe: per token, 2 * layers * context * KvH * D * 4 bytes each way, which on a real GPU
-  deployment would dwarf the kernel time. vLLM keeps the cache on the device; so would a
+  writes those blocks back in place. So each decode step sends every sequence's whole KV over
+  PCIe, 2 * layers * context * KvH * D * 4 bytes per sequence (plus the written block back),
+  which on a real GPU deployment would dwarf the kernel time. vLLM keeps the cache on the device; so would a
   ``KVCache(device="cuda")`` here: pass device arrays (anything with ``copy_to_host``, e.g.
   ``numba.cuda.to_device(...)``) as k_cache/v_cache and the ops use them in place, with no
   copies and global block ids. Both paths are tested.
@@ -31,6 +31,7 @@ either (grid-stride loops), and the tests run both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -173,14 +174,10 @@ def _empty(*shape: int):  # noqa: ANN202 - a device array
     return cuda.device_array(shape, dtype=np.float32)
 
 
-_NO_BIAS: dict[bool, object] = {}
-
-
+@functools.cache
 def _no_bias():  # noqa: ANN202 - a device array
     """A one-element placeholder: kernels take a bias array even when use_bias is 0."""
-    if SIMULATED not in _NO_BIAS:
-        _NO_BIAS[SIMULATED] = cuda.to_device(np.zeros(1, dtype=np.float32))
-    return _NO_BIAS[SIMULATED]
+    return cuda.to_device(np.zeros(1, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------- weights
@@ -243,7 +240,9 @@ def embedding(ids: torch.Tensor, table: DeviceWeight) -> torch.Tensor:
         raise ValueError(f"embedding ids must be 1-D (T,), got shape {tuple(ids.shape)}")
     vocab, dim = table.shape
     if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"token ids must be in [0, {vocab}), got {ids.min()}..{ids.max()}")
+        raise ValueError(
+            f"token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}"
+        )
     out = _empty(len(ids), dim)
     if len(ids):
         threads = _launch.elementwise_threads
