@@ -38,6 +38,9 @@ _STRING, _ARRAY = 8, 9
 # ggml type ids of the formats we can hold (ggml.h `enum ggml_type`)
 _GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K",
                30: "BF16"}
+# ggml I8: plain int8 tensors, kept apart in GGUFFile.int8_tensors (minillm writes per-channel
+# int8 weights this way, with an F32 "<name>.scale" beside each; see formats/int8_rows.py)
+_GGML_I8 = "TYPE_24"
 
 
 class GGUFError(ValueError):
@@ -157,8 +160,16 @@ class GGUFFile:
         header = _parse_header(self._mmap, self.path)
         self.version, self.metadata = header.version, header.metadata
         self.tensors: dict[str, QuantTensor] = {}
+        self.int8_tensors: dict[str, np.ndarray] = {}
         size = len(self._mmap)
         for t in header.tensors:
+            if t.type_name == _GGML_I8:
+                start = header.data_start + t.offset
+                if start + t.n_elements > size:
+                    raise GGUFError(f"{self.path} is truncated: tensor {t.name} runs past the end")
+                data = np.frombuffer(self._mmap, np.int8, t.n_elements, start)
+                self.int8_tensors[t.name] = data.reshape(t.shape)
+                continue
             if t.type_name not in BLOCK_LAYOUT:
                 raise GGUFError(
                     f"{self.path}: tensor {t.name} uses ggml type {t.type_name}, which minillm "

@@ -16,6 +16,7 @@ import numpy as np
 from minillm.config import ModelConfig
 from minillm.formats.blocks import QuantTensor
 from minillm.formats.gguf import GGUFFile
+from minillm.formats.int8_rows import fold_int8_rows
 
 
 @dataclass
@@ -65,6 +66,8 @@ def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 def load_gguf_weights(gguf: GGUFFile, config: ModelConfig) -> ModelWeights:
     t = gguf.tensors
+    if gguf.int8_tensors:  # minillm's per-channel int8 (I8 + ".scale"), dequantized at load
+        t = fold_int8_rows(t, gguf.int8_tensors)
 
     def get(name: str) -> QuantTensor:
         if name not in t:
