@@ -615,6 +615,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
+    from minillm.compress.cli_quantize import register as register_quantize
+
+    register_quantize(sub)
     return parser, dict(sub.choices)
 
 
