@@ -1,0 +1,1 @@
+"""Lab 1: a streaming chat with the bundled SmolLM2 model (see lab1_chat.ipynb)."""
