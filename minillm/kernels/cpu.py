@@ -1,0 +1,293 @@
+"""The ``cpu`` backend: every op of the contract (see ref.py) as Numba kernels.
+
+Weights stay in their GGUF block format (``prepare_linear`` only re-arranges the bytes, see
+``cpu_packing``) and ``linear`` decodes them in registers (``cpu_linear``); attention reads the
+paged KV cache in place (``cpu_attention``). Tensors cross the boundary as zero-copy numpy views
+of CPU float32 torch tensors; the caches are written in place.
+
+Threads: the kernels use Numba's thread pool, sized by NUMBA_NUM_THREADS (default: all cores);
+``numba.set_num_threads`` lowers it at run time. Torch ops between kernels (residual adds,
+reshapes) use torch's own pool: keep ``torch.set_num_threads`` equal to Numba's count. The two
+pools never run at the same time (no kernel calls torch), so they do not oversubscribe.
+
+Compilation: kernels compile on first use and are cached on disk (``cache=True``, in
+``__pycache__`` next to this file, or NUMBA_CACHE_DIR), so only the very first run pays it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from minillm.formats.blocks import QuantTensor
+from minillm.kernels import cpu_linear as _lin
+from minillm.kernels.cpu_attention import paged_decode, paged_prefill, store_kv_slots
+from minillm.kernels.cpu_numerics import FASTMATH
+from minillm.kernels.cpu_packing import PackedWeight, pack_weight
+
+name = "cpu"
+
+
+# ----------------------------------------------------------------------------- tensors
+def _array(t: torch.Tensor, what: str, dtype: type = np.float32) -> np.ndarray:
+    """A C-contiguous numpy view (a copy only when t is strided or of another dtype)."""
+    try:
+        a = t.numpy()  # the fast path: a CPU tensor that needs no grad
+    except AttributeError:
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}") from None
+    except (RuntimeError, TypeError):
+        if t.device.type != "cpu":
+            raise ValueError(
+                f"the cpu backend needs CPU tensors; {what} is on {t.device}"
+            ) from None
+        a = t.detach().numpy()
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=dtype)
+    return a
+
+
+def _cache_array(t: torch.Tensor, what: str) -> np.ndarray:
+    """The KV cache itself (never a copy): writes must land in the engine's tensor."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"{what} must be a contiguous float32 torch tensor (NB, BS, KvH, D)")
+    if t.dim() != 4:
+        raise ValueError(f"{what} must be 4-D (NB, BS, KvH, D), got shape {tuple(t.shape)}")
+    return t.detach().numpy()
+
+
+def _packed(w: object, what: str) -> PackedWeight:
+    if not isinstance(w, PackedWeight):
+        raise TypeError(
+            f"{what} must come from cpu.prepare_linear / prepare_embedding, got {type(w).__name__}"
+        )
+    return w
+
+
+# ----------------------------------------------------------------------------- weights
+def prepare_linear(w: QuantTensor) -> PackedWeight:
+    """Repack once at load; memory stays about the GGUF size (see cpu_packing)."""
+    return pack_weight(w)
+
+
+def prepare_vector(w: QuantTensor) -> torch.Tensor:
+    """Norm weights and biases are small: plain float32."""
+    return torch.from_numpy(np.array(w.dequantize(), dtype=np.float32).reshape(-1))
+
+
+prepare_embedding = prepare_linear
+
+
+def tied_lm_head(embed: PackedWeight) -> PackedWeight:
+    """A tied output projection reads the very same packed blocks as the embedding."""
+    return _packed(embed, "embed")
+
+
+# ----------------------------------------------------------------------------- matmul
+def _run_matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray) -> None:
+    """One row (decode): a fused matvec per format. More rows: decode weight tiles once."""
+    if x.shape[0] == 1:
+        x0, out0 = x[0], out[0]
+        if w.kind == "q4":
+            _lin.q4_matvec(x0, w.codes, w.scale, w.offset, w.offset_mult, out0)
+        elif w.kind == "q8" and w.block == 32:
+            _lin.q8_matvec(x0, w.codes, w.scale, out0)
+        elif w.kind == "q8":
+            _lin.q8_16_matvec(x0, w.codes, w.scale, out0)
+        else:
+            _lin.float_matvec(x0, w.codes, w.is_bf16, out0)
+    elif w.kind == "q4":
+        _lin.q4_matmul(x, w.codes, w.scale, w.offset, w.offset_mult, out)
+    elif w.kind == "q8":
+        _lin.q8_matmul(x, w.codes, w.scale, w.block, out)
+    else:
+        _lin.float_matmul(x, w.codes, w.is_bf16, out)
+
+
+def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ W (out, in).T [+ bias] -> (..., out), computed on the packed blocks."""
+    w = _packed(w, "w")
+    xa = _array(x, "x")
+    if xa.ndim == 0 or xa.shape[-1] != w.cols:
+        raise ValueError(
+            f"linear: x has shape {tuple(xa.shape)}, the weight needs {w.cols} "
+            "input features in the last dim"
+        )
+    lead = xa.shape[:-1]
+    x2 = xa.reshape(-1, w.cols)
+    out = np.empty((x2.shape[0], w.rows), dtype=np.float32)
+    if x2.shape[0]:
+        _run_matmul(x2, w, out)
+    if bias is not None:
+        out += _array(bias, "bias")
+    return torch.from_numpy(out.reshape(*lead, w.rows))
+
+
+def embedding(ids: torch.Tensor, table: PackedWeight) -> torch.Tensor:
+    """ids (T,) -> (T, d): only the looked-up rows are dequantized."""
+    table = _packed(table, "table")
+    idx = _array(ids, "ids", np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= table.rows):
+        raise ValueError(
+            f"embedding: token ids must be in [0, {table.rows}), got [{idx.min()}, {idx.max()}]"
+        )
+    out = np.empty((idx.size, table.cols), dtype=np.float32)
+    if table.kind == "q4":
+        _lin.q4_rows(idx, table.codes, table.scale, table.offset, table.offset_mult, out)
+    elif table.kind == "q8":
+        _lin.q8_rows(idx, table.codes, table.scale, table.block, out)
+    else:
+        _lin.float_rows(idx, table.codes, table.is_bf16, out)
+    return torch.from_numpy(out.reshape(*ids.shape, table.cols))
+
+
+# ----------------------------------------------------------------------------- elementwise
+@njit(fastmath=FASTMATH, cache=True)
+def _rms_norm(x, weight, eps, out):  # noqa: ANN001, ANN202
+    t_rows, d = x.shape
+    for t in range(t_rows):
+        ss = np.float32(0)
+        for i in range(d):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+        for i in range(d):
+            out[t, i] = x[t, i] * inv * weight[i]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _rope(x, cos, sin, out):  # noqa: ANN001, ANN202
+    t_rows, h_count, d = x.shape
+    half = d // 2
+    for t in range(t_rows):
+        for h in range(h_count):
+            for i in range(half):
+                x1, x2, c, s = x[t, h, i], x[t, h, half + i], cos[t, i], sin[t, i]
+                out[t, h, i] = x1 * c - x2 * s
+                out[t, h, half + i] = x2 * c + x1 * s
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _silu_mul(gate, up, out):  # noqa: ANN001, ANN202
+    for t in prange(gate.shape[0]):  # exp is scalar here, so long prefills use both threads
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1) + np.exp(-g)) * up[t, i]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last dim."""
+    xa = _array(x, "x")
+    wa = _array(weight, "weight").reshape(-1)
+    if xa.ndim == 0 or xa.shape[-1] != wa.shape[0]:
+        raise ValueError(f"rms_norm: x {tuple(xa.shape)} and weight {tuple(wa.shape)} disagree")
+    x2 = xa.reshape(-1, wa.shape[0])
+    out = np.empty_like(x2)
+    _rms_norm(x2, wa, float(eps), out)
+    return torch.from_numpy(out.reshape(xa.shape))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of each head; x (T, H, D), cos/sin (T, D/2)."""
+    xa, ca, sa = _array(x, "x"), _array(cos, "cos"), _array(sin, "sin")
+    if (
+        xa.ndim != 3
+        or xa.shape[2] % 2
+        or ca.shape != (xa.shape[0], xa.shape[2] // 2)
+        or sa.shape != ca.shape
+    ):
+        raise ValueError(
+            f"rope: need x (T, H, D) with even D and cos/sin (T, D/2); got "
+            f"{tuple(xa.shape)}, {tuple(ca.shape)}, {tuple(sa.shape)}"
+        )
+    out = np.empty_like(xa)
+    _rope(xa, ca, sa, out)
+    return torch.from_numpy(out)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: silu(gate) * up."""
+    ga, ua = _array(gate, "gate"), _array(up, "up")
+    if ga.shape != ua.shape or ga.ndim == 0:
+        raise ValueError(f"silu_mul: gate {tuple(ga.shape)} and up {tuple(ua.shape)} differ")
+    out = np.empty_like(ga)
+    _silu_mul(
+        ga.reshape(-1, ga.shape[-1]), ua.reshape(-1, ga.shape[-1]), out.reshape(-1, ga.shape[-1])
+    )
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- KV + attention
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each token's K/V (T, KvH, D) into its slot, in place."""
+    kc, vc = _cache_array(k_cache, "k_cache"), _cache_array(v_cache, "v_cache")
+    ka, va = _array(k, "k"), _array(v, "v")
+    slots = _array(slot_mapping, "slot_mapping", np.int64).reshape(-1)
+    want = (slots.shape[0], *kc.shape[2:])
+    if ka.shape != want or va.shape != want or vc.shape != kc.shape:
+        raise ValueError(
+            f"store_kv: k/v must be {want} to fit caches {tuple(kc.shape)}; got "
+            f"{tuple(ka.shape)}, {tuple(va.shape)}, v_cache {tuple(vc.shape)}"
+        )
+    store_kv_slots(ka, va, kc, vc, slots)
+
+
+def _check_q(q: np.ndarray, kc: np.ndarray, vc: np.ndarray) -> None:
+    if q.ndim != 3 or vc.shape != kc.shape or q.shape[2] != kc.shape[3] or q.shape[1] % kc.shape[2]:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)} must be (., H, D) with H a multiple "
+            f"of the caches' KvH; caches {tuple(kc.shape)}, {tuple(vc.shape)}"
+        )
+
+
+def attention_decode_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q (B, H, D), one new token per sequence, attends to its context via its block table."""
+    qa = _array(q, "q")
+    kc, vc = _cache_array(k_cache, "k_cache"), _cache_array(v_cache, "v_cache")
+    _check_q(qa, kc, vc)
+    tables = _array(block_tables, "block_tables", np.int64)
+    lens = _array(context_lens, "context_lens", np.int64).reshape(-1)
+    if tables.ndim != 2 or tables.shape[0] != qa.shape[0] or lens.shape[0] != qa.shape[0]:
+        raise ValueError(
+            f"attention_decode_paged: block_tables {tuple(tables.shape)} and "
+            f"context_lens {tuple(lens.shape)} must have B={qa.shape[0]} rows"
+        )
+    out = np.empty_like(qa)
+    if qa.shape[0]:
+        paged_decode(qa, kc, vc, tables, lens, float(scale), out)
+    return torch.from_numpy(out)
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for one sequence's n new tokens, the last n of its context_len."""
+    qa = _array(q, "q")
+    kc, vc = _cache_array(k_cache, "k_cache"), _cache_array(v_cache, "v_cache")
+    _check_q(qa, kc, vc)
+    table = _array(block_table, "block_table", np.int64).reshape(-1)
+    context_len = int(context_len)
+    if not 1 <= qa.shape[0] <= context_len:
+        raise ValueError(
+            f"attention_prefill: {qa.shape[0]} new tokens cannot end a context of {context_len}"
+        )
+    out = np.empty_like(qa)
+    paged_prefill(qa, kc, vc, table, context_len, float(scale), out)
+    return torch.from_numpy(out)

@@ -1,0 +1,129 @@
+"""Scalar helpers the Numba kernels share: 16-bit floats widened to float32, in-kernel.
+
+Numba has no float16 type on the CPU, so an fp16 or bf16 value arrives as its uint16 bit
+pattern and is rebuilt as a float32 with integer operations plus one bit cast (an LLVM
+``bitcast``, written as a Numba intrinsic). These branch-free forms also vectorize, which the
+F16/BF16 matmul loops rely on. llama.cpp does the same job with the F16C instruction or a 64K
+lookup table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+# Only the flags that let LLVM vectorize float reductions (reassociation) and fuse a*b+c into
+# one FMA (contraction); no "no-NaN/no-Inf" promises, because softmax masks with -inf.
+FASTMATH = {"reassoc", "contract"}
+
+_TWO_POW_112 = np.float32(2.0**112)  # fp16 exponent bias 15 -> float32 bias 127
+
+
+@intrinsic
+def bits_to_f32(typingctx, bits):  # noqa: ANN001, ANN201 - Numba intrinsic signature
+    """Reinterpret the low 32 bits of an integer as a float32 (no conversion)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            value = builder.zext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True)
+def half_to_float(h: np.uint16) -> np.float32:
+    """IEEE fp16 bits -> float32, exact for normals, subnormals, infinities and NaN."""
+    h32 = np.uint32(h)
+    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
+    magnitude = h32 & np.uint32(0x7FFF)
+    # exponent+mantissa moved to float32's position, then scaled by 2^112 to re-bias the
+    # exponent (15 -> 127); a subnormal fp16 becomes a subnormal float32 that the scaling fixes
+    finite = bits_to_f32(sign | (magnitude << np.uint32(13))) * _TWO_POW_112
+    special = bits_to_f32(sign | np.uint32(0x7F800000) | ((magnitude & np.uint32(0x3FF)) << 13))
+    return special if magnitude >= np.uint32(0x7C00) else finite
+
+
+@njit(cache=True)
+def bf16_to_float(h: np.uint16) -> np.float32:
+    """bfloat16 bits are the top half of a float32."""
+    return bits_to_f32(np.uint32(h) << np.uint32(16))
+
+
+def as_float(v):  # noqa: ANN001, ANN201 - dispatched by the overload below
+    """A block scale as float32, whether stored as float32 or as fp16 bits (uint16)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(as_float)
+def _as_float_impl(v):  # noqa: ANN001, ANN202
+    if v == types.uint16:
+        return lambda v: half_to_float(v)
+    if isinstance(v, types.Float):
+        return lambda v: np.float32(v)
+    return None
+
+
+def widen(v, is_bf16):  # noqa: ANN001, ANN201 - dispatched by the overload below
+    """A weight as float32: float32 as is, uint16 as bf16 bits (is_bf16) or fp16 bits."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(widen)
+def _widen_impl(v, is_bf16):  # noqa: ANN001, ANN202
+    if v == types.uint16:
+        return lambda v, is_bf16: bf16_to_float(v) if is_bf16 else half_to_float(v)
+    if isinstance(v, types.Float):
+        return lambda v, is_bf16: np.float32(v)
+    return None
+
+
+@intrinsic
+def _stack_alloc(typingctx, size, dtype):  # noqa: ANN001, ANN201 - Numba intrinsic signature
+    """A pointer to `size` elements on the stack (an LLVM alloca in the function's entry).
+
+    Only valid inside the function that calls it: use it through an ``inline="always"``
+    helper (inlined into the caller's Numba IR), never from a function that returns it.
+    """
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        count = ir.Constant(ir.IntType(64), size.literal_value)  # a constant: entry-block alloca
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=count)
+
+    return types.CPointer(dtype.dtype)(size, dtype), codegen
+
+
+@njit(inline="always", cache=True)
+def lanes32():  # noqa: ANN201
+    """32 float32 accumulators on the stack, zeroed.
+
+    A heap array (np.zeros) would live in memory: LLVM cannot prove that it does not alias the
+    weights, so every update would load and store it. A fixed-size stack array accessed at
+    constant offsets is promoted to SIMD registers (4 AVX2 registers of 8 lanes).
+    """
+    acc = carray(_stack_alloc(32, np.float32), 32)
+    for j in range(32):
+        acc[j] = 0
+    return acc
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def lanes_sum(acc):  # noqa: ANN001, ANN201
+    """Sum of 32 lanes as a tree (16 + 8 + 4 + ... adds, vectorized), not a 32-long chain."""
+    for j in range(16):
+        acc[j] += acc[j + 16]
+    for j in range(8):
+        acc[j] += acc[j + 8]
+    for j in range(4):
+        acc[j] += acc[j + 4]
+    return (acc[0] + acc[2]) + (acc[1] + acc[3])

@@ -1,0 +1,181 @@
+"""Repack GGUF blocks once at load time into arrays the Numba kernels read fast.
+
+The kernels compute on quantized weights directly, so the repacked weight keeps (about) the
+bytes of the file: 4-bit codes stay 4-bit, fp16 block scales stay fp16 (decoded inside the
+kernel). Only the *arrangement* changes, from an array of structs (one 20-byte Q4_1 block after
+another) to a struct of arrays (all codes of a row together, all scales of a row together), so
+each kernel loop reads one plain array.
+
+Three kernel families cover every format:
+
+- ``q4``: 32 weights per block, 16 bytes of codes (weight j in the low nibble of byte j,
+  weight j+16 in the high nibble, as Q4_0/Q4_1 store them), value = scale * q + mult * offset.
+  Q4_0 (offset = scale, mult = -8), Q4_1 (offset = m, mult = 1) and Q4_K (sub-block scales
+  and mins of its 256-weight super-blocks turned into fp32, mult = -1).
+- ``q8``: int8 codes with one scale per block: Q8_0 (32 per block, fp16 scale) and Q6_K
+  (16 per block, fp32 scale d * sc; the 6-bit codes minus 32 fit in int8: exact, but 10 bits
+  per weight instead of 6.56 - a dequantize-to-int8-at-load compromise).
+- ``float``: F32 as float32; F16 and BF16 stay 16-bit and are widened inside the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minillm.formats.blocks import BLOCK_LAYOUT, QuantTensor
+
+Q4_FORMATS = ("Q4_0", "Q4_1", "Q4_K")
+Q8_FORMATS = ("Q8_0", "Q6_K")
+FLOAT_FORMATS = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A (rows, cols) weight matrix laid out for one kernel family.
+
+    ``codes``: q4 uint8 (rows, cols/2); q8 int8 (rows, cols); float float32 or uint16 (rows, cols).
+    ``scale``/``offset``: per block (rows, cols/block), uint16 fp16 bits or float32; ``offset``
+    only for q4 (an empty array otherwise).
+    """
+
+    format: str  # the GGUF format it came from
+    kind: str  # "q4", "q8" or "float"
+    rows: int
+    cols: int
+    codes: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    offset_mult: float = 1.0  # q4: value = scale * q + offset_mult * offset
+    block: int = 32  # q8: weights per scale
+    is_bf16: bool = False  # float kind with uint16 codes: BF16 (else F16)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a kernel streams to read the whole matrix once (Q4_0 shares scale/offset)."""
+        extra = 0 if self.offset is self.scale else self.offset.nbytes
+        return int(self.codes.nbytes + self.scale.nbytes + extra)
+
+
+_EMPTY = np.zeros((0, 0), dtype=np.float32)
+
+
+def _f16_bits(field: np.ndarray) -> np.ndarray:
+    """(..., 2) little-endian bytes -> (...) uint16 fp16 bit patterns."""
+    return np.ascontiguousarray(field).view("<u2")[..., 0].astype(np.uint16)
+
+
+def _f16_values(field: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(field).view("<f2")[..., 0].astype(np.float32)
+
+
+def _pack_q4_0_1(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
+    blocks = t.data.reshape(rows, cols // 32, -1)
+    if t.format == "Q4_0":  # [d fp16][16 bytes of codes]; value = d * q - 8 * d
+        scale = _f16_bits(blocks[:, :, 0:2])
+        codes = blocks[:, :, 2:18]
+        return PackedWeight(
+            t.format,
+            "q4",
+            rows,
+            cols,
+            np.ascontiguousarray(codes).reshape(rows, -1),
+            scale,
+            scale,
+            offset_mult=-8.0,
+        )
+    scale = _f16_bits(blocks[:, :, 0:2])  # [d fp16][m fp16][16 bytes]; value = d * q + m
+    offset = _f16_bits(blocks[:, :, 2:4])
+    codes = np.ascontiguousarray(blocks[:, :, 4:20]).reshape(rows, -1)
+    return PackedWeight(t.format, "q4", rows, cols, codes, scale, offset)
+
+
+def _pack_q4_k(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
+    from minillm.formats.blocks import _unpack_q4_k_scales  # the layout lives there, once
+
+    blocks = t.data.reshape(-1, 144)
+    n = len(blocks)
+    d, dmin = _f16_values(blocks[:, 0:2]), _f16_values(blocks[:, 2:4])
+    sc, mn = _unpack_q4_k_scales(blocks[:, 4:16])  # (n, 8) six-bit integers
+    scale = d[:, None] * sc.astype(np.float32)  # exact: 11-bit mantissa x 6-bit integer
+    offset = dmin[:, None] * mn.astype(np.float32)
+    # codes: 4 groups of 32 bytes; group g holds sub-block 2g (low nibbles) and 2g+1 (high).
+    groups = blocks[:, 16:].reshape(n, 4, 32)
+    sub = np.stack([groups & 0x0F, groups >> 4], axis=2).reshape(n, 8, 32)  # (n, 8, 32) 0..15
+    codes = (sub[:, :, :16] | (sub[:, :, 16:] << 4)).astype(np.uint8)  # Q4_1's nibble order
+    return PackedWeight(
+        t.format,
+        "q4",
+        rows,
+        cols,
+        codes.reshape(rows, cols // 2),
+        scale.reshape(rows, -1),
+        offset.reshape(rows, -1),
+        offset_mult=-1.0,
+    )
+
+
+def _pack_q8_0(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
+    blocks = t.data.reshape(rows, cols // 32, 34)  # [d fp16][32 x int8]
+    codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    return PackedWeight(t.format, "q8", rows, cols, codes, _f16_bits(blocks[:, :, 0:2]), _EMPTY)
+
+
+def _pack_q6_k(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
+    # [0:128] ql low 4 bits | [128:192] qh high 2 bits | [192:208] int8 scale per 16 | d fp16
+    blocks = t.data.reshape(-1, 210)
+    n = len(blocks)
+    low = blocks[:, 0:128].reshape(n, 2, 64)
+    ql = np.concatenate([low & 0x0F, low >> 4], axis=2)  # (n, 2 halves, 128)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    qh = ((blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).reshape(n, 2, 128)
+    codes = ((ql | (qh << 4)).astype(np.int16) - 32).astype(np.int8).reshape(rows, cols)
+    d = _f16_values(blocks[:, 208:210])
+    scale = d[:, None] * blocks[:, 192:208].view(np.int8).astype(np.float32)  # exact
+    return PackedWeight(
+        t.format, "q8", rows, cols, codes, scale.reshape(rows, -1), _EMPTY, block=16
+    )
+
+
+def _pack_float(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
+    raw = np.ascontiguousarray(t.data)
+    if t.format == "F32":
+        codes = raw.view("<f4").astype(np.float32, copy=False).reshape(rows, cols)
+    else:
+        codes = raw.view("<u2").astype(np.uint16, copy=False).reshape(rows, cols)
+    return PackedWeight(
+        t.format, "float", rows, cols, codes, _EMPTY, _EMPTY, is_bf16=t.format == "BF16"
+    )
+
+
+_PACKERS = {
+    "Q4_0": _pack_q4_0_1,
+    "Q4_1": _pack_q4_0_1,
+    "Q4_K": _pack_q4_k,
+    "Q8_0": _pack_q8_0,
+    "Q6_K": _pack_q6_k,
+    "F32": _pack_float,
+    "F16": _pack_float,
+    "BF16": _pack_float,
+}
+
+
+def pack_weight(t: QuantTensor) -> PackedWeight:
+    """QuantTensor (rows, cols) -> PackedWeight for the cpu kernels (done once, at load)."""
+    if not isinstance(t, QuantTensor):
+        raise TypeError(f"pack_weight needs a QuantTensor, got {type(t).__name__}")
+    if t.format not in _PACKERS:
+        raise ValueError(
+            f"the cpu backend cannot compute on {t.format!r} weights; supported: {sorted(_PACKERS)}"
+        )
+    if len(t.shape) != 2:
+        raise ValueError(f"a weight matrix must be 2-D (rows, cols), got shape {t.shape}")
+    rows, cols = t.shape
+    if t.format not in FLOAT_FORMATS and cols % BLOCK_LAYOUT[t.format][0]:
+        raise ValueError(f"{t.format}: {cols} columns are not whole blocks")
+    return _PACKERS[t.format](t, rows, cols)
