@@ -24,6 +24,10 @@ export TOKENIZERS_PARALLELISM := false
 test: export HF_HUB_OFFLINE := 1
 test: export TRANSFORMERS_OFFLINE := 1
 test: export PYTHONHASHSEED := 0
+# One OpenMP thread per process: tests run servers, engine threads and reference models side by
+# side, and torch's thread pools collapse when they oversubscribe a 2-core machine (measured: a
+# ref decode step goes from ~0.1 s to ~0.6-1 s). Speed is measured by benchmarks/, not tests.
+test: export OMP_NUM_THREADS := 1
 test: export IPYTHONDIR := $(CURDIR)/.cache/ipython
 test: export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter/config
 test: export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter/data
