@@ -57,7 +57,7 @@ def _cache_array(t: torch.Tensor, what: str) -> np.ndarray:
 
 
 def _packed(w: object, what: str) -> PackedWeight:
-    if not isinstance(w, PackedWeight):
+    if type(w) is not PackedWeight:
         raise TypeError(
             f"{what} must come from cpu.prepare_linear / prepare_embedding, got {type(w).__name__}"
         )
@@ -85,23 +85,21 @@ def tied_lm_head(embed: PackedWeight) -> PackedWeight:
 
 # ----------------------------------------------------------------------------- matmul
 def _run_matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray) -> None:
-    """One row (decode): a fused matvec per format. More rows: decode weight tiles once."""
-    if x.shape[0] == 1:
-        x0, out0 = x[0], out[0]
-        if w.kind == "q4":
-            _lin.q4_matvec(x0, w.codes, w.scale, w.offset, w.offset_mult, out0)
-        elif w.kind == "q8" and w.block == 32:
-            _lin.q8_matvec(x0, w.codes, w.scale, out0)
-        elif w.kind == "q8":
-            _lin.q8_16_matvec(x0, w.codes, w.scale, out0)
-        else:
-            _lin.float_matvec(x0, w.codes, w.is_bf16, out0)
-    elif w.kind == "q4":
-        _lin.q4_matmul(x, w.codes, w.scale, w.offset, w.offset_mult, out)
+    """Few tokens (decode): the fused loops. Many (prefill): decode weight tiles once."""
+    fused = x.shape[0] <= _lin.FUSED_MAX_T
+    if w.kind == "q4":
+        kernel = _lin.q4_fused if fused else _lin.q4_tiled
+        kernel(x, w.codes, w.scale, w.offset, w.offset_mult, out)
+    elif w.kind == "q8" and w.block == 32 and fused:
+        _lin.q8_fused(x, w.codes, w.scale, out)
+    elif w.kind == "q8" and x.shape[0] == 1:
+        _lin.q8_16_matvec(x[0], w.codes, w.scale, out[0])
     elif w.kind == "q8":
-        _lin.q8_matmul(x, w.codes, w.scale, w.block, out)
+        _lin.q8_tiled(x, w.codes, w.scale, w.block, out)
+    elif x.shape[0] == 1:
+        _lin.float_matvec(x[0], w.codes, w.is_bf16, out[0])
     else:
-        _lin.float_matmul(x, w.codes, w.is_bf16, out)
+        _lin.float_tiled(x, w.codes, w.is_bf16, out)
 
 
 def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,14 +111,13 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
             f"linear: x has shape {tuple(xa.shape)}, the weight needs {w.cols} "
             "input features in the last dim"
         )
-    lead = xa.shape[:-1]
-    x2 = xa.reshape(-1, w.cols)
+    x2 = xa if xa.ndim == 2 else xa.reshape(-1, w.cols)  # (T, in): the model's case
     out = np.empty((x2.shape[0], w.rows), dtype=np.float32)
     if x2.shape[0]:
         _run_matmul(x2, w, out)
     if bias is not None:
         out += _array(bias, "bias")
-    return torch.from_numpy(out.reshape(*lead, w.rows))
+    return torch.from_numpy(out if xa.ndim == 2 else out.reshape(*xa.shape[:-1], w.rows))
 
 
 def embedding(ids: torch.Tensor, table: PackedWeight) -> torch.Tensor:

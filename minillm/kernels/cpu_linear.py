@@ -2,18 +2,20 @@
 
 Decode is memory-bound: every weight byte is read once per step, and a 4-bit weight costs an
 eighth of the bytes of a float32 one. So the weights stay packed (see ``cpu_packing``) and are
-decoded in registers, never written back to memory as fp32 matrices.
+decoded in registers; each weight row is read from memory once per call, whatever T is.
 
-Two loops, chosen by T, share the packed layout:
+Two loop shapes share the packed layout (``cpu.linear`` picks one by T):
 
-- T == 1 (single-stream decode): one pass over each weight row. Per 32-weight block the codes
-  are unpacked and multiplied by x with 32 float32 lanes that stay in SIMD registers across
-  blocks; the block scale multiplies in place, the block offset is folded in via sum(x_block).
-- T > 1 (prefill, batched decode): a tile of ``_ROWS`` weight rows is decoded to float32 once
-  (a few KB, L1/L2-resident) and multiplied with all T rows of x, two tokens at a time, so each
-  weight byte is read from memory once per step whatever T is.
+- fused (T <= FUSED_MAX_T: decode, batched decode): rows are handed to the threads in chunks
+  of ``_CHUNK`` rows; a chunk's rows stay in L1 while every pair of tokens passes over them.
+  Per 32-weight block the codes are unpacked and multiplied by x into 32 float32 lanes per
+  token that live in SIMD registers across blocks; the block scale multiplies in place and the
+  block offset is folded in once per block via sum(x_block).
+- tiled (larger T: prefill): a chunk's rows are decoded to float32 once (a few KB) and
+  multiplied with all T rows of x, 2 tokens x 4 rows per step - a small register-blocked GEMM.
 
-Rows are split across Numba threads with ``prange``.
+Scalar arguments are cast to float32 first: a float64 anywhere in a loop makes LLVM compute in
+double precision and gives up vectorizing.
 """
 
 from __future__ import annotations
@@ -23,21 +25,138 @@ from numba import njit, prange
 
 from minillm.kernels.cpu_numerics import FASTMATH, as_float, lanes32, lanes_sum, widen
 
-_ROWS = 4  # weight rows decoded together in the T > 1 path (4 x 2 accumulators in registers)
-_GROUPS_PER_CHUNK = 8  # a thread's unit of work (32 rows): small enough to balance, big
-# enough that its scratch allocation is paid rarely
+FUSED_MAX_T = 8  # up to this many tokens the fused loop wins; beyond, decoding once does
+_CHUNK = 16  # rows per thread work item: small enough to balance threads, big enough to reuse
+_ROWS = 4  # rows decoded together in the tiled loop (2 tokens x 4 rows = 8 accumulators)
+
+
+# ----------------------------------------------------------------------------- fused: q4
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _q4_prepare_x(x, offset_mult):  # noqa: ANN001, ANN202
+    """The high nibble is read as (byte & 0xF0) = 16 q, so its x is divided by 16 once here
+    (exact: a power of two) instead of shifting every byte. Also each block's sum of x, the
+    coefficient of the block offset."""
+    t_rows, k = x.shape
+    nb = k // 32
+    xs = np.empty((t_rows, k), np.float32)
+    x_sum = np.empty((t_rows, nb), np.float32)
+    for t in range(t_rows):
+        for b in range(nb):
+            s = np.float32(0)
+            for j in range(16):
+                lo, hi = x[t, b * 32 + j], x[t, b * 32 + 16 + j]
+                xs[t, b * 32 + j] = lo
+                xs[t, b * 32 + 16 + j] = hi * np.float32(1 / 16)
+                s += lo + hi
+            x_sum[t, b] = offset_mult * s
+    return xs, x_sum
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q4_fused(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
+    """x (T, K) float32; codes (N, K/2) uint8; scale/offset (N, K/32); out (T, N) float32."""
+    t_rows = x.shape[0]
+    n_rows, nb = scale.shape
+    xs, x_sum = _q4_prepare_x(x, np.float32(offset_mult))
+    for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
+        n0, n1 = c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK)
+        for t in range(0, t_rows - 1, 2):  # two tokens share each unpacked block
+            for n in range(n0, n1):
+                a0, a1 = lanes32(), lanes32()
+                off0 = off1 = np.float32(0)
+                for b in range(nb):
+                    d = as_float(scale[n, b])
+                    for j in range(16):
+                        q = np.int32(codes[n, b * 16 + j])
+                        lo, hi = np.float32(q & 0x0F), np.float32(q & 0xF0)
+                        a0[j] += d * (xs[t, b * 32 + j] * lo)
+                        a0[16 + j] += d * (xs[t, b * 32 + 16 + j] * hi)
+                        a1[j] += d * (xs[t + 1, b * 32 + j] * lo)
+                        a1[16 + j] += d * (xs[t + 1, b * 32 + 16 + j] * hi)
+                    o = as_float(offset[n, b])
+                    off0 += o * x_sum[t, b]
+                    off1 += o * x_sum[t + 1, b]
+                out[t, n] = lanes_sum(a0) + off0
+                out[t + 1, n] = lanes_sum(a1) + off1
+        if t_rows % 2:  # the last token alone (all of single-stream decode)
+            t = t_rows - 1
+            for n in range(n0, n1):
+                a0 = lanes32()
+                off0 = np.float32(0)
+                for b in range(nb):
+                    d = as_float(scale[n, b])
+                    for j in range(16):
+                        q = np.int32(codes[n, b * 16 + j])
+                        a0[j] += d * (xs[t, b * 32 + j] * np.float32(q & 0x0F))
+                        a0[16 + j] += d * (xs[t, b * 32 + 16 + j] * np.float32(q & 0xF0))
+                    off0 += as_float(offset[n, b]) * x_sum[t, b]
+                out[t, n] = lanes_sum(a0) + off0
+
+
+# ----------------------------------------------------------------------------- fused: q8
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
+    """x (T, K); codes (N, K) int8; scale (N, K/32) (Q8_0); out (T, N)."""
+    t_rows = x.shape[0]
+    n_rows, nb = scale.shape
+    for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
+        n0, n1 = c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK)
+        for t in range(0, t_rows - 1, 2):
+            for n in range(n0, n1):
+                a0, a1 = lanes32(), lanes32()
+                for b in range(nb):
+                    d = as_float(scale[n, b])
+                    for j in range(32):
+                        q = np.float32(codes[n, b * 32 + j])
+                        a0[j] += d * (x[t, b * 32 + j] * q)
+                        a1[j] += d * (x[t + 1, b * 32 + j] * q)
+                out[t, n] = lanes_sum(a0)
+                out[t + 1, n] = lanes_sum(a1)
+        if t_rows % 2:
+            t = t_rows - 1
+            for n in range(n0, n1):
+                a0 = lanes32()
+                for b in range(nb):
+                    d = as_float(scale[n, b])
+                    for j in range(32):
+                        a0[j] += d * (x[t, b * 32 + j] * np.float32(codes[n, b * 32 + j]))
+                out[t, n] = lanes_sum(a0)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q8_16_matvec(x, codes, scale, out):  # noqa: ANN001, ANN201
+    """One token, one scale per 16 int8 weights (Q6_K): x (K,), scale (N, K/16), out (N,)."""
+    n_rows, nb = scale.shape
+    for n in prange(n_rows):
+        acc = lanes32()
+        for c in range(nb // 2):
+            d_lo, d_hi = as_float(scale[n, 2 * c]), as_float(scale[n, 2 * c + 1])
+            for j in range(16):
+                acc[j] += d_lo * (x[c * 32 + j] * np.float32(codes[n, c * 32 + j]))
+                acc[16 + j] += d_hi * (x[c * 32 + 16 + j] * np.float32(codes[n, c * 32 + 16 + j]))
+        out[n] = lanes_sum(acc)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def float_matvec(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
+    """One token: x (K,); codes (N, K) float32, or uint16 fp16/bf16 bits; out (N,)."""
+    for n in prange(codes.shape[0]):
+        acc = np.float32(0)
+        for i in range(x.shape[0]):
+            acc += x[i] * widen(codes[n, i], is_bf16)
+        out[n] = acc
 
 
 # ----------------------------------------------------------------------------- row decoders
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _q4_row(codes, scale, offset, offset_mult, n, dst):  # noqa: ANN001, ANN202
-    """Weight row n of a q4 matrix -> dst (K,) float32."""
+    """Weight row n of a q4 matrix -> dst (K,) float32 (offset_mult must be float32)."""
     for b in range(scale.shape[1]):
         d = as_float(scale[n, b])
         o = offset_mult * as_float(offset[n, b])
         for j in range(16):
-            q = codes[n, b * 16 + j]
-            dst[b * 32 + j] = d * np.float32(q & 15) + o
+            q = np.int32(codes[n, b * 16 + j])
+            dst[b * 32 + j] = d * np.float32(q & 0x0F) + o
             dst[b * 32 + 16 + j] = d * np.float32(q >> 4) + o
 
 
@@ -55,7 +174,7 @@ def _float_row(codes, is_bf16, n, dst):  # noqa: ANN001, ANN202
         dst[i] = widen(codes[n, i], is_bf16)
 
 
-# ----------------------------------------------------------------------------- T > 1 tile
+# ----------------------------------------------------------------------------- tiled
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _tile_times_x(x, w, n0, nr, out):  # noqa: ANN001, ANN202
     """out[:, n0:n0+nr] = x (T, K) @ w[:nr].T, w (_ROWS, K) float32; 2 tokens x 4 rows a step."""
@@ -99,105 +218,27 @@ def _store4(out, t, n0, nr, a0, a1, a2, a3):  # noqa: ANN001, ANN202
         out[t, n0 + 3] = a3
 
 
-# ----------------------------------------------------------------------------- T == 1
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q4_matvec(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """x (K,) float32; codes (N, K/2) uint8; scale/offset (N, K/32); out (N,) float32."""
-    k = x.shape[0]
-    n_rows, nb = scale.shape
-    # The high nibble is read as (byte & 0xF0) = 16 q, so its x is divided by 16 once here
-    # (exact, a power of two) instead of shifting every byte: no shift in the inner loop.
-    xs = np.empty(k, np.float32)
-    x_sum = np.empty(nb, np.float32)  # offset_mult * sum of x over each block
-    for b in range(nb):
-        s = np.float32(0)
-        for j in range(16):
-            xs[b * 32 + j] = x[b * 32 + j]
-            xs[b * 32 + 16 + j] = x[b * 32 + 16 + j] * np.float32(1 / 16)
-            s += x[b * 32 + j] + x[b * 32 + 16 + j]
-        x_sum[b] = offset_mult * s
-    for n in prange(n_rows):
-        acc = lanes32()
-        off = np.float32(0)
-        for b in range(nb):
-            d = as_float(scale[n, b])
-            for j in range(16):
-                q = np.int32(codes[n, b * 16 + j])
-                acc[j] += d * (xs[b * 32 + j] * np.float32(q & 0x0F))
-                acc[16 + j] += d * (xs[b * 32 + 16 + j] * np.float32(q & 0xF0))
-            off += as_float(offset[n, b]) * x_sum[b]
-        out[n] = lanes_sum(acc) + off
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q8_matvec(x, codes, scale, out):  # noqa: ANN001, ANN201
-    """x (K,); codes (N, K) int8; scale (N, K/32) (Q8_0); out (N,)."""
-    n_rows, nb = scale.shape
-    for n in prange(n_rows):
-        acc = lanes32()
-        for b in range(nb):
-            d = as_float(scale[n, b])
-            for j in range(32):
-                acc[j] += d * (x[b * 32 + j] * np.float32(codes[n, b * 32 + j]))
-        out[n] = lanes_sum(acc)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q8_16_matvec(x, codes, scale, out):  # noqa: ANN001, ANN201
-    """As q8_matvec with one scale per 16 weights (Q6_K): scale (N, K/16)."""
-    n_rows, nb = scale.shape
-    for n in prange(n_rows):
-        acc = lanes32()
-        for c in range(nb // 2):
-            d_lo, d_hi = as_float(scale[n, 2 * c]), as_float(scale[n, 2 * c + 1])
-            for j in range(16):
-                acc[j] += d_lo * (x[c * 32 + j] * np.float32(codes[n, c * 32 + j]))
-                acc[16 + j] += d_hi * (x[c * 32 + 16 + j] * np.float32(codes[n, c * 32 + 16 + j]))
-        out[n] = lanes_sum(acc)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def float_matvec(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
-    """x (K,); codes (N, K) float32, or uint16 fp16/bf16 bits; out (N,)."""
-    for n in prange(codes.shape[0]):
-        acc = np.float32(0)
-        for i in range(x.shape[0]):
-            acc += x[i] * widen(codes[n, i], is_bf16)
-        out[n] = acc
-
-
-# ----------------------------------------------------------------------------- T > 1
-@njit(inline="always", cache=True)
-def _row_groups(n_rows):  # noqa: ANN001, ANN202
-    """(groups of _ROWS rows, chunks of _GROUPS_PER_CHUNK groups handed to the threads)."""
-    groups = (n_rows + _ROWS - 1) // _ROWS
-    return groups, (groups + _GROUPS_PER_CHUNK - 1) // _GROUPS_PER_CHUNK
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q4_matmul(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
+def q4_tiled(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K/2) uint8; scale/offset (N, K/32); out (T, N)."""
     n_rows, k = codes.shape[0], x.shape[1]
-    groups, chunks = _row_groups(n_rows)
-    for c in prange(chunks):
-        w = np.empty((_ROWS, k), np.float32)  # this chunk's decoded rows, reused per group
-        for g in range(c * _GROUPS_PER_CHUNK, min(groups, (c + 1) * _GROUPS_PER_CHUNK)):
-            n0 = g * _ROWS
+    mult = np.float32(offset_mult)
+    for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
+        w = np.zeros((_ROWS, k), np.float32)  # decoded rows, reused for every token
+        for n0 in range(c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK), _ROWS):
             nr = min(_ROWS, n_rows - n0)
             for r in range(nr):
-                _q4_row(codes, scale, offset, offset_mult, n0 + r, w[r])
+                _q4_row(codes, scale, offset, mult, n0 + r, w[r])
             _tile_times_x(x, w, n0, nr, out)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q8_matmul(x, codes, scale, block, out):  # noqa: ANN001, ANN201
+def q8_tiled(x, codes, scale, block, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K) int8; scale (N, K/block); out (T, N)."""
     n_rows, k = codes.shape[0], x.shape[1]
-    groups, chunks = _row_groups(n_rows)
-    for c in prange(chunks):
-        w = np.empty((_ROWS, k), np.float32)
-        for g in range(c * _GROUPS_PER_CHUNK, min(groups, (c + 1) * _GROUPS_PER_CHUNK)):
-            n0 = g * _ROWS
+    for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
+        w = np.zeros((_ROWS, k), np.float32)
+        for n0 in range(c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK), _ROWS):
             nr = min(_ROWS, n_rows - n0)
             for r in range(nr):
                 _q8_row(codes, scale, block, n0 + r, w[r])
@@ -205,14 +246,12 @@ def q8_matmul(x, codes, scale, block, out):  # noqa: ANN001, ANN201
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def float_matmul(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
+def float_tiled(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K) float32 or uint16 bits; out (T, N)."""
     n_rows, k = codes.shape[0], x.shape[1]
-    groups, chunks = _row_groups(n_rows)
-    for c in prange(chunks):
-        w = np.empty((_ROWS, k), np.float32)
-        for g in range(c * _GROUPS_PER_CHUNK, min(groups, (c + 1) * _GROUPS_PER_CHUNK)):
-            n0 = g * _ROWS
+    for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
+        w = np.zeros((_ROWS, k), np.float32)
+        for n0 in range(c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK), _ROWS):
             nr = min(_ROWS, n_rows - n0)
             for r in range(nr):
                 _float_row(codes, is_bf16, n0 + r, w[r])
@@ -220,20 +259,22 @@ def float_matmul(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
 
 
 # ----------------------------------------------------------------------------- embedding
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+# No fastmath here: d * q + m rounds twice, exactly as the reference dequantizer does.
+@njit(parallel=True, cache=True)
 def q4_rows(ids, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
     """out[t] = dequantized row ids[t]: only the looked-up rows are decoded."""
+    mult = np.float32(offset_mult)
     for t in prange(ids.shape[0]):
-        _q4_row(codes, scale, offset, offset_mult, ids[t], out[t])
+        _q4_row(codes, scale, offset, mult, ids[t], out[t])
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, cache=True)
 def q8_rows(ids, codes, scale, block, out):  # noqa: ANN001, ANN201
     for t in prange(ids.shape[0]):
         _q8_row(codes, scale, block, ids[t], out[t])
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, cache=True)
 def float_rows(ids, codes, is_bf16, out):  # noqa: ANN001, ANN201
     for t in prange(ids.shape[0]):
         _float_row(codes, is_bf16, ids[t], out[t])

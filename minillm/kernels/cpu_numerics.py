@@ -5,6 +5,9 @@ pattern and is rebuilt as a float32 with integer operations plus one bit cast (a
 ``bitcast``, written as a Numba intrinsic). These branch-free forms also vectorize, which the
 F16/BF16 matmul loops rely on. llama.cpp does the same job with the F16C instruction or a 64K
 lookup table.
+
+Numba's on-disk cache checks only the source file of each cached kernel, not the files of the
+helpers inlined into it: after editing this file, delete ``minillm/kernels/__pycache__/*.nb*``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from numba.extending import intrinsic, overload
 # Only the flags that let LLVM vectorize float reductions (reassociation) and fuse a*b+c into
 # one FMA (contraction); no "no-NaN/no-Inf" promises, because softmax masks with -inf.
 FASTMATH = {"reassoc", "contract"}
-
-_TWO_POW_112 = np.float32(2.0**112)  # fp16 exponent bias 15 -> float32 bias 127
 
 
 @intrinsic
@@ -39,20 +40,26 @@ def bits_to_f32(typingctx, bits):  # noqa: ANN001, ANN201 - Numba intrinsic sign
     return types.float32(bits), codegen
 
 
-@njit(cache=True)
+@njit(inline="always", cache=True)
 def half_to_float(h: np.uint16) -> np.float32:
-    """IEEE fp16 bits -> float32, exact for normals, subnormals, infinities and NaN."""
+    """IEEE fp16 bits -> float32: exact for normals, subnormals and infinities; NaN stays NaN.
+
+    Exponent and mantissa move to float32's position and the value is scaled by 2^112, which
+    re-biases the exponent (15 -> 127); a subnormal fp16 becomes a subnormal float32 that the
+    scaling makes normal. Inf/NaN (exponent 31) get float32's all-ones exponent and a scale of
+    1 instead. Integer arithmetic only, no branch, so that loops over F16 weights vectorize.
+    """
     h32 = np.uint32(h)
     sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
     magnitude = h32 & np.uint32(0x7FFF)
-    # exponent+mantissa moved to float32's position, then scaled by 2^112 to re-bias the
-    # exponent (15 -> 127); a subnormal fp16 becomes a subnormal float32 that the scaling fixes
-    finite = bits_to_f32(sign | (magnitude << np.uint32(13))) * _TWO_POW_112
-    special = bits_to_f32(sign | np.uint32(0x7F800000) | ((magnitude & np.uint32(0x3FF)) << 13))
-    return special if magnitude >= np.uint32(0x7C00) else finite
+    special = np.uint32(magnitude >= np.uint32(0x7C00))  # 1 for Inf/NaN, else 0
+    bits = sign | (magnitude << np.uint32(13)) | (special * np.uint32(0x7F800000))
+    # bits of 2^112 (0x77800000) normally, of 1.0 (0x3F800000) for Inf/NaN
+    factor = np.uint32(0x77800000) - special * np.uint32(0x77800000 - 0x3F800000)
+    return bits_to_f32(bits) * bits_to_f32(factor)
 
 
-@njit(cache=True)
+@njit(inline="always", cache=True)
 def bf16_to_float(h: np.uint16) -> np.float32:
     """bfloat16 bits are the top half of a float32."""
     return bits_to_f32(np.uint32(h) << np.uint32(16))
@@ -63,7 +70,7 @@ def as_float(v):  # noqa: ANN001, ANN201 - dispatched by the overload below
     raise NotImplementedError("only callable from Numba code")
 
 
-@overload(as_float)
+@overload(as_float, inline="always")
 def _as_float_impl(v):  # noqa: ANN001, ANN202
     if v == types.uint16:
         return lambda v: half_to_float(v)
@@ -77,7 +84,7 @@ def widen(v, is_bf16):  # noqa: ANN001, ANN201 - dispatched by the overload belo
     raise NotImplementedError("only callable from Numba code")
 
 
-@overload(widen)
+@overload(widen, inline="always")
 def _widen_impl(v, is_bf16):  # noqa: ANN001, ANN202
     if v == types.uint16:
         return lambda v, is_bf16: bf16_to_float(v) if is_bf16 else half_to_float(v)
