@@ -19,8 +19,8 @@ import pytest
 
 from minillm.cli import main
 from minillm.config import ModelConfig
-from minillm.hub import show
 from minillm.formats.gguf import read_header as read_gguf_header
+from minillm.hub import show
 
 ROOT = Path(__file__).resolve().parents[1]
 
