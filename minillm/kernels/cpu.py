@@ -7,8 +7,12 @@ of CPU float32 torch tensors; the caches are written in place.
 
 Threads: the kernels use Numba's thread pool, sized by NUMBA_NUM_THREADS (default: all cores);
 ``numba.set_num_threads`` lowers it at run time. Torch ops between kernels (residual adds,
-reshapes) use torch's own pool: keep ``torch.set_num_threads`` equal to Numba's count. The two
-pools never run at the same time (no kernel calls torch), so they do not oversubscribe.
+reshapes, sampling) use torch's own pool: keep ``torch.set_num_threads`` equal to Numba's count.
+The two pools never run at the same time (no kernel calls torch), so nothing is nested. Both are
+OpenMP pools whose idle workers spin for a while before sleeping: on a machine whose cores are
+busy with other programs, those spinning workers take the cores from the threads doing the
+work and a 2-thread decode can slow down tenfold. There, run with OMP_WAIT_POLICY=passive (or a
+short GOMP_SPINCOUNT such as 3000) set before Python starts, or with one thread.
 
 Compilation: kernels compile on first use and are cached on disk (``cache=True``, in
 ``__pycache__`` next to this file, or NUMBA_CACHE_DIR), so only the very first run pays it.
