@@ -329,3 +329,27 @@ def test_engine_chunked_prefill_and_prefix_cache_match_ref(tmp_path) -> None:  #
         assert rest[1].metrics.num_cached_tokens > 0
         tokens[backend] = [o.outputs[0].token_ids for o in first + rest]
     assert tokens["cpu"] == tokens["ref"]
+
+
+def test_bench_bytes_per_token_match_the_gguf(bundled_gguf_path) -> None:  # noqa: ANN001
+    """The roofline's denominator, counted from the packed weights, equals the file's tensors:
+    every Q4_1 matrix, the tied Q8_0 table (read whole as lm_head, one row as embedding), norms."""
+    import sys
+    from pathlib import Path
+
+    from minillm.formats.gguf import GGUFFile
+    from minillm.loader import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_kernels
+
+    tensors = GGUFFile(bundled_gguf_path).tensors
+    embed = tensors["token_embd.weight"]
+    matrices = sum(
+        t.nbytes for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2
+    )
+    norms = sum(t.nbytes for t in tensors.values() if len(t.shape) == 1)
+    want = matrices + embed.nbytes + embed.nbytes // embed.shape[0] + norms
+    model = load_model(str(bundled_gguf_path), "cpu").model
+    assert bench_kernels.decode_bytes_per_token(model) == want
+    assert bench_kernels.decode_bytes_per_token(model, fp32=True) > 5 * want
