@@ -249,6 +249,21 @@ def test_store_kv_writes_in_place() -> None:
 
 
 # ----------------------------------------------------------------------------- whole models
+@pytest.fixture
+def one_thread():  # noqa: ANN201
+    """Whole-model runs on one thread: each output row is computed by one thread whatever the
+    count (no cross-thread sums), so results do not change, and a busy shared machine cannot
+    stall 2-thread barriers for seconds. The op tests above (and the tiny model) use all."""
+    import numba
+
+    before = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    numba.set_num_threads(before[0])
+    torch.set_num_threads(before[1])
+
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -265,14 +280,14 @@ def _greedy_tokens(model: str, backend: str, max_tokens: int = 32) -> list[list[
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
 
 
-def test_bundled_model_greedy_tokens_equal_ref(bundled_gguf_path) -> None:  # noqa: ANN001
+def test_bundled_model_greedy_tokens_equal_ref(bundled_gguf_path, one_thread) -> None:  # noqa: ANN001
     """SmolLM2 Q4_1 (+ a Q8_0 tied embedding): 4 prompts x 32 greedy tokens, batched."""
     assert _greedy_tokens(str(bundled_gguf_path), "cpu") == _greedy_tokens(
         str(bundled_gguf_path), "ref"
     )
 
 
-def test_bundled_model_logits_close_to_ref(bundled_gguf_path) -> None:  # noqa: ANN001
+def test_bundled_model_logits_close_to_ref(bundled_gguf_path, one_thread) -> None:  # noqa: ANN001
     """Prefill (T > 1 kernels) then one decode step (T = 1 kernels) through shuffled blocks."""
     from minillm.kv.cache import KVCache
     from minillm.loader import load_model
@@ -305,14 +320,15 @@ def test_bundled_model_logits_close_to_ref(bundled_gguf_path) -> None:  # noqa: 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tiny_hf_model_greedy_tokens_equal_ref(tmp_path, arch: str) -> None:  # noqa: ANN001
-    """Random F32 safetensors weights; qwen2 adds q/k/v biases and tied embeddings."""
+    """Random F32 safetensors weights; qwen2 adds q/k/v biases and tied embeddings. Runs on
+    all threads: the whole engine in parallel at least once."""
     from minillm.testing import make_tiny_model
 
     folder = make_tiny_model(tmp_path / arch, arch=arch)
     assert _greedy_tokens(str(folder), "cpu", 16) == _greedy_tokens(str(folder), "ref", 16)
 
 
-def test_engine_chunked_prefill_and_prefix_cache_match_ref(tmp_path) -> None:  # noqa: ANN001
+def test_engine_chunked_prefill_and_prefix_cache_match_ref(tmp_path, one_thread) -> None:  # noqa: ANN001
     """Prefill chunks that end mid-context and prompts that reuse cached blocks, as ref does."""
     from minillm import LLM, SamplingParams
     from minillm.testing import make_tiny_model
@@ -331,7 +347,7 @@ def test_engine_chunked_prefill_and_prefix_cache_match_ref(tmp_path) -> None:  #
     assert tokens["cpu"] == tokens["ref"]
 
 
-def test_bench_bytes_per_token_match_the_gguf(bundled_gguf_path) -> None:  # noqa: ANN001
+def test_bench_bytes_per_token_match_the_gguf(bundled_gguf_path, one_thread) -> None:  # noqa: ANN001
     """The roofline's denominator, counted from the packed weights, equals the file's tensors:
     every Q4_1 matrix, the tied Q8_0 table (read whole as lm_head, one row as embedding), norms."""
     import sys
