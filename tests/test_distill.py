@@ -3,6 +3,8 @@ transformers, and a short training run on a tiny random model that must lower th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,7 +83,9 @@ def test_feature_loss_and_bad_inputs():
     with pytest.raises(ValueError, match="do not match"):
         feature_distillation_loss(h_s, h_t[..., :4], proj)
     with pytest.raises(ValueError, match="max_steps or time_budget_s"):
-        DistillConfig((0,))
+        DistillConfig()
+    with pytest.raises(ValueError, match="needs feature_pairs"):
+        DistillConfig(max_steps=1, feature_weight=1.0)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -107,13 +111,16 @@ def test_distill_lowers_the_loss_and_saves_a_loadable_student(tiny, tmp_path):
     targets = teacher_targets(config, weights, calibration_ids(tokenizer, 512), seq_len=64,
                               top_k=16, hidden_layers=[1])  # fmt: skip
     assert targets.top_values.shape == (8, 64, 16) and targets.hidden[1].shape == (8, 64, 64)
+    student = StudentLlama.from_teacher(config, weights, [1])  # drop layer 0
+    before = {k: v.clone() for k, v in student.state_dict().items()}
     for alpha, feature in ((0.8, 0.0), (0.5, 1.0), (0.0, 0.0)):
-        cfg = DistillConfig((1,), alpha=alpha, feature_weight=feature, lr=2e-3, max_steps=24,
-                            batch_size=2)  # fmt: skip
-        result = distill(config, weights, targets, cfg)
+        cfg = DistillConfig(alpha=alpha, feature_weight=feature, feature_pairs=((0, 1),), lr=2e-3,
+                            max_steps=24, batch_size=2)  # fmt: skip
+        result = distill(student, targets, cfg)
         assert result.steps == 24 and result.tokens_seen == 24 * 2 * 64
         first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
         assert last < first, (alpha, feature, result.losses)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
     out = save_student(result.student, tmp_path / "student", tokenizer)
     llm = LLM(str(out), backend="ref")
     assert llm.config.num_layers == 1
@@ -133,3 +140,17 @@ def test_evenly_spaced_layers():
     assert evenly_spaced_layers(30, 1) == [29] and evenly_spaced_layers(4, 4) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="keep must be in 1..30"):
         evenly_spaced_layers(30, 31)
+
+
+def test_frozen_blocks_do_not_move(tiny):
+    _, config, weights, tokenizer = tiny
+    targets = teacher_targets(config, weights, calibration_ids(tokenizer, 128), seq_len=64, top_k=8)
+    student = StudentLlama.from_teacher(config, weights, [0, 1])
+    cfg = DistillConfig(alpha=0.5, lr=1e-2, max_steps=2, batch_size=1, freeze_blocks=1)
+    trained = distill(student, targets, cfg).student
+    assert all(torch.equal(a, b) for a, b in zip(trained.blocks[0].parameters(),
+                                                 student.blocks[0].parameters(), strict=True))  # fmt: skip
+    assert not torch.equal(trained.blocks[1].wq, student.blocks[1].wq)
+    assert torch.equal(trained.embed, student.embed)  # embeddings frozen by default
+    with pytest.raises(ValueError, match="name student blocks"):
+        distill(student, targets, replace(cfg, feature_weight=1.0, feature_pairs=((5, 0),)))

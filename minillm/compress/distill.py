@@ -22,6 +22,7 @@ V = 49k logits per token would take 200 KB a token, so the teacher's top-k logit
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Sequence
@@ -167,10 +168,12 @@ def teacher_targets(
 # --------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class DistillConfig:
-    layer_ids: tuple[int, ...]  # teacher layers the student starts from
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (teacher) term; 0 = hard labels only
     feature_weight: float = 0.0  # > 0: also match hidden states (feature distillation)
+    # (student block, teacher layer) pairs whose outputs feature distillation matches
+    feature_pairs: tuple[tuple[int, int], ...] = ()
+    freeze_blocks: int = 0  # the first n student blocks stay fixed (backward stops above them)
     lr: float = 2e-4
     batch_size: int = 4
     max_steps: int | None = None
@@ -184,6 +187,12 @@ class DistillConfig:
             raise ValueError("give max_steps or time_budget_s (or both)")
         if self.feature_weight < 0 or self.lr <= 0 or self.batch_size <= 0:
             raise ValueError("feature_weight must be >= 0, lr and batch_size > 0")
+        if self.feature_weight > 0 and not self.feature_pairs:
+            raise ValueError(
+                "feature distillation needs feature_pairs (student block, teacher layer)"
+            )
+        if self.freeze_blocks < 0:
+            raise ValueError(f"freeze_blocks must be >= 0, got {self.freeze_blocks}")
 
 
 @dataclass
@@ -195,27 +204,35 @@ class DistillResult:
     tokens_seen: int
 
 
-def distill(
-    config: ModelConfig, weights: ModelWeights, targets: TeacherTargets, cfg: DistillConfig
-) -> DistillResult:
-    """Train a student made of teacher layers `cfg.layer_ids` on the teacher's targets.
+def distill(student: StudentLlama, targets: TeacherTargets, cfg: DistillConfig) -> DistillResult:
+    """Train (a copy of) `student` on the teacher's targets; `student` itself is left as is.
 
+    The student is usually made from the teacher: some of its layers
+    (`StudentLlama.from_teacher`) or its structurally pruned weights (`compress.prune`).
     Batches of windows are drawn in a seeded order; training stops at `max_steps` or when
     `time_budget_s` has passed, whichever comes first. alpha = 0 and feature_weight = 0 is the
     hard-label baseline: the same loop on the text alone.
     """
     torch.manual_seed(cfg.seed)
-    student = StudentLlama.from_teacher(config, weights, cfg.layer_ids)
+    student = copy.deepcopy(student)
     student.embed.requires_grad_(cfg.train_embeddings)
     projections = nn.ModuleList()
     if cfg.feature_weight > 0:
-        missing = [t for t in cfg.layer_ids if t not in targets.hidden]
+        bad = [b for b, _ in cfg.feature_pairs if not 0 <= b < len(student.blocks)]
+        if bad:
+            raise ValueError(
+                f"feature_pairs name student blocks {bad}; it has {len(student.blocks)}"
+            )
+        missing = [t for _, t in cfg.feature_pairs if t not in targets.hidden]
         if missing:
             raise ValueError(f"feature distillation needs the teacher's hidden states of {missing}")
-        for _ in cfg.layer_ids:
-            proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        for _, layer in cfg.feature_pairs:
+            width = targets.hidden[layer].shape[-1]
+            proj = nn.Linear(student.config.hidden_size, width, bias=False)
             nn.init.eye_(proj.weight)
             projections.append(proj)
+    for block in student.blocks[: cfg.freeze_blocks]:
+        block.requires_grad_(False)
     params = [p for p in [*student.parameters(), *projections.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -247,10 +264,10 @@ def distill(
             )
         else:
             loss = F.cross_entropy(s, labels)  # fmt: skip
-        for proj, h, layer in zip(projections, hidden, cfg.layer_ids, strict=False):
+        for proj, (block, layer) in zip(projections, cfg.feature_pairs, strict=False):
             loss = loss + cfg.feature_weight * feature_distillation_loss(
-                h, targets.hidden[layer][idx], proj
-            ) / len(cfg.layer_ids)
+                hidden[block], targets.hidden[layer][idx], proj
+            ) / len(cfg.feature_pairs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

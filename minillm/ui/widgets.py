@@ -408,7 +408,7 @@ def _request_label(r: TimelineRequest) -> str:
 
 
 def describe_step(tl: Timeline, step: int) -> str:
-    """One line per row active in `step`, e.g. ``r3: prefill 37 tokens from 0 -> sampled``."""
+    """One line per row active in `step`, e.g. ``r3: prefill 37 token(s) at position 0``."""
     if not 0 <= step < tl.num_steps:
         raise ValueError(f"step must be in [0, {tl.num_steps}), got {step}")
     lines = [
