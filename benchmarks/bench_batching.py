@@ -3,9 +3,11 @@
     python benchmarks/bench_batching.py [--quick] [--threads N] [--backend ref] [--model smollm2]
 
 1. Throughput and latency: one workload of requests with varied prompt and output lengths,
-   all arriving at once, served three ways by the same engine code: one request at a time
-   (max_num_seqs=1), static batching (B requests handed over together, the next B only when
-   all of them are done) and continuous batching (everything handed over, max_num_seqs=B).
+   all arriving at once, served four ways by the same engine code: one request at a time
+   (max_num_seqs=1); static batching (B requests handed over together, the next B only when
+   all of them are done); continuous batching with the same max_num_seqs=B; and continuous
+   batching in the same KV memory that static batching reserves (B contiguous max_model_len
+   buffers), where paging lets as many requests run as their actual tokens fit.
 2. KV memory waste: at every step of the continuous run, the slots the paged cache has
    allocated but not filled, against what contiguous per-request reservations would waste on
    the very same running set.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import random
 import statistics
@@ -80,11 +83,15 @@ _TOPICS = (
 @dataclass(frozen=True)
 class BenchConfig:
     num_requests: int = 64
-    prompt_len: tuple[int, int] = (16, 256)  # inclusive range, uniform
-    output_len: tuple[int, int] = (8, 128)
-    batch_size: int = 16  # static batch size B, and max_num_seqs of the continuous run
+    prompt_len: tuple[int, int] = (64, 192)  # inclusive range, uniform
+    # Output lengths are long-tailed, as in chat traffic (most answers short, a few long):
+    # log-normal with this median and sigma, clipped to output_len.
+    output_len: tuple[int, int] = (8, 320)
+    output_median: float = 64.0
+    output_sigma: float = 0.8
+    batch_size: int = 16  # static batch size B, and max_num_seqs of the first continuous run
     block_size: int = 16
-    max_model_len: int = 512  # what the server is configured to serve: a power of two >= 256+128
+    max_model_len: int = 512  # what the server is configured to serve: 192 + 320
     notes_max_len: int = 2048  # the max_seq_len of the course notes' example
     system_prompt_tokens: int = 512
     num_questions: int = 8
@@ -100,6 +107,8 @@ class BenchConfig:
             raise ValueError("the longest prompt plus the longest output exceed max_model_len")
         if self.num_requests < 1 or self.batch_size < 1 or self.num_questions < 1:
             raise ValueError("num_requests, batch_size and num_questions must be >= 1")
+        if self.output_median <= 0 or self.output_sigma < 0:
+            raise ValueError("output_median must be > 0 and output_sigma >= 0")
 
 
 FULL = BenchConfig()
@@ -107,6 +116,7 @@ QUICK = BenchConfig(
     num_requests=12,
     prompt_len=(8, 48),
     output_len=(4, 16),
+    output_median=8.0,
     batch_size=4,
     max_model_len=128,
     notes_max_len=2048,
@@ -149,13 +159,17 @@ def corpus_token_ids(tokenizer: Any, min_tokens: int) -> list[int]:
 
 
 def make_workload(corpus: list[int], cfg: BenchConfig) -> list[Request]:
-    """Prompts are windows of real text at random offsets; lengths uniform in their ranges."""
+    """Prompts are windows of real text at random offsets, of uniform length; output lengths
+    are log-normal (long-tailed), clipped to their range."""
     rng = random.Random(cfg.seed)
+    lo, hi = cfg.output_len
     out = []
     for i in range(cfg.num_requests):
         n = rng.randint(*cfg.prompt_len)
         start = rng.randrange(0, len(corpus) - n)
-        out.append(Request(f"req-{i:03d}", corpus[start : start + n], rng.randint(*cfg.output_len)))
+        draw = rng.lognormvariate(math.log(cfg.output_median), cfg.output_sigma)
+        max_tokens = min(hi, max(lo, round(draw)))
+        out.append(Request(f"req-{i:03d}", corpus[start : start + n], max_tokens))
     return out
 
 
@@ -170,6 +184,7 @@ class WasteSample:
     reserved_exact: int  # contiguous, each request reserving prompt + max_tokens
     reserved_max_len: int  # contiguous, each request reserving max_model_len
     reserved_notes: int  # contiguous, each request reserving the notes' max_seq_len
+    running: int = 0  # requests running after the step
 
     @property
     def paged_waste(self) -> float:
@@ -215,9 +230,10 @@ def make_engine(
     max_model_len: int,
     max_num_seqs: int,
     enable_prefix_caching: bool = True,
+    num_kv_blocks: int | None = None,
 ) -> LLMEngine:
-    """An engine whose KV cache holds max_num_seqs requests of max_model_len: no preemption."""
-    blocks = max_num_seqs * -(-max_model_len // block_size) + 1
+    """By default a KV cache that holds max_num_seqs requests of max_model_len: no preemption."""
+    blocks = num_kv_blocks or max_num_seqs * -(-max_model_len // block_size) + 1
     return LLMEngine(
         loaded.model,
         loaded.tokenizer,
@@ -243,6 +259,7 @@ def measure_waste(engine: LLMEngine, workload: dict[str, Request], cfg: BenchCon
         ),
         reserved_max_len=len(running) * cfg.max_model_len,
         reserved_notes=len(running) * cfg.notes_max_len,
+        running=len(running),
     )
 
 
@@ -254,6 +271,7 @@ def run_mode(
     max_num_seqs: int,
     group_size: int | None = None,
     probe_waste: bool = False,
+    num_kv_blocks: int | None = None,
 ) -> ModeResult:
     """Serve the whole workload, all arriving at t0; groups of `group_size` = static batching."""
     engine = make_engine(
@@ -261,6 +279,7 @@ def run_mode(
         block_size=cfg.block_size,
         max_model_len=cfg.max_model_len,
         max_num_seqs=max_num_seqs,
+        num_kv_blocks=num_kv_blocks,
     )
     by_id = {r.request_id: r for r in workload}
     groups = (
@@ -288,12 +307,27 @@ def run_mode(
     )
 
 
+def same_memory_blocks(cfg: BenchConfig) -> int:
+    """The KV blocks that hold what static batching reserves: B buffers of max_model_len."""
+    return cfg.batch_size * -(-cfg.max_model_len // cfg.block_size)
+
+
 def run_batching(loaded: Any, workload: list[Request], cfg: BenchConfig) -> list[ModeResult]:
+    """one at a time, static (B), continuous (max_num_seqs=B), continuous (same KV memory)."""
     b = cfg.batch_size
     return [
         run_mode(loaded, workload, cfg, "one request at a time", 1),
         run_mode(loaded, workload, cfg, f"static batching (B={b})", b, group_size=b),
-        run_mode(loaded, workload, cfg, "continuous batching", b, probe_waste=True),
+        run_mode(loaded, workload, cfg, f"continuous batching (max_num_seqs={b})", b),
+        run_mode(
+            loaded,
+            workload,
+            cfg,
+            "continuous batching, same KV memory as static",
+            len(workload),
+            probe_waste=True,
+            num_kv_blocks=same_memory_blocks(cfg),
+        ),
     ]
 
 
@@ -427,27 +461,38 @@ def format_batching(modes: list[ModeResult], workload: list[Request], cfg: Bench
         ],
         rows,
     )
-    one, static, cont = modes
+    one, static, cont, mem = modes
     same = sum(
-        cont.outputs[r].outputs[0].token_ids
-        == one.outputs[r].outputs[0].token_ids
-        == static.outputs[r].outputs[0].token_ids
-        for r in cont.outputs
+        len({tuple(m.outputs[r.request_id].outputs[0].token_ids) for m in modes}) == 1
+        for r in workload
     )
     prompt_tokens = sum(len(r.prompt_ids) for r in workload)
+    outs = sorted(r.max_tokens for r in workload)
+    peak = max(s.running for s in mem.waste) if mem.waste else 0
     return (
         f"{len(workload)} requests arriving together: prompts of {cfg.prompt_len[0]}–"
-        f"{cfg.prompt_len[1]} tokens (windows of English text from Python standard-library "
-        f"docstrings, {prompt_tokens} prompt tokens in all), outputs of {cfg.output_len[0]}–"
-        f"{cfg.output_len[1]} tokens (greedy, `ignore_eos`), seed {cfg.seed}. TTFT and latency "
-        "count from the common arrival time, so they include queueing.\n\n"
+        f"{cfg.prompt_len[1]} tokens, uniform (windows of English text from Python "
+        f"standard-library docstrings, {prompt_tokens} prompt tokens in all); outputs "
+        f"long-tailed as in chat traffic: log-normal, median {cfg.output_median:g}, sigma "
+        f"{cfg.output_sigma:g}, clipped to {cfg.output_len[0]}–{cfg.output_len[1]} (drawn: "
+        f"median {statistics.median(outs):g}, max {outs[-1]}, {sum(outs)} in all; greedy, "
+        f"`ignore_eos`), seed {cfg.seed}. TTFT and latency count from the common arrival "
+        "time, so they include queueing.\n\n"
         f"{table}\n\n"
-        f"- continuous / static: **{cont.tokens_per_s / static.tokens_per_s:.2f}x**; "
-        f"continuous / one-at-a-time: **{cont.tokens_per_s / one.tokens_per_s:.2f}x**\n"
-        f"- greedy outputs identical in all three modes: {same}/{len(workload)} requests\n"
-        f"- continuous batching runs with max_num_seqs={cfg.batch_size}, the static batch size, "
-        "so both modes may hold the same number of requests at once and differ only in *when* "
-        "a finished request's place is refilled (a step later, or when its whole batch is done)."
+        f"- continuous batching in the same KV memory / static: "
+        f"**{mem.tokens_per_s / static.tokens_per_s:.2f}x**; / one-at-a-time: "
+        f"**{mem.tokens_per_s / one.tokens_per_s:.2f}x**\n"
+        f"- at the same max_num_seqs={cfg.batch_size}: continuous / static "
+        f"{cont.tokens_per_s / static.tokens_per_s:.2f}x, / one-at-a-time "
+        f"{cont.tokens_per_s / one.tokens_per_s:.2f}x\n"
+        f"- greedy outputs identical in all four modes: {same}/{len(workload)} requests\n"
+        f"- static batching reserves {cfg.batch_size} contiguous buffers of max_model_len="
+        f"{cfg.max_model_len} ({same_memory_blocks(cfg)} blocks of {cfg.block_size} slots); the "
+        "last run gets exactly that many paged blocks and no cap on requests, so it runs as "
+        f"many as their actual tokens fit (up to {peak} at once here) and preempts (by "
+        "recompute) when they outgrow it. With the same max_num_seqs the two batching modes "
+        "differ only in *when* a finished request's place is refilled; on a CPU a step's cost "
+        "grows with the rows in it, so refilling early gains less than the step counts suggest."
     )
 
 
@@ -478,7 +523,7 @@ def format_waste(samples: list[WasteSample], cfg: BenchConfig) -> str:
     table = _report.markdown_table(["KV allocation", "a running request holds", "waste"], rows)
     return (
         "Waste = allocated-but-empty slots / allocated slots, over the requests running after "
-        f"each of the {len(samples)} steps of the continuous run above, averaged over those "
+        f"each of the {len(samples)} steps of the same-memory continuous run above, averaged over those "
         "steps. A slot is *used* when it holds a computed token's K/V. The contiguous rows are "
         "computed on the same running sets.\n\n"
         f"{table}\n\n"
@@ -568,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         "### Throughput and latency: one at a time vs static vs continuous batching\n\n"
         + format_batching(modes, workload, cfg)
         + "\n\n### KV-cache memory waste: paged vs contiguous pre-allocation\n\n"
-        + format_waste(modes[2].waste, cfg)
+        + format_waste(modes[3].waste, cfg)
         + "\n\n### Prefix caching: a shared system prompt\n\n"
         + format_prefix(prefix, cfg)
         + "\n"

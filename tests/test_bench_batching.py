@@ -33,6 +33,7 @@ TINY = bench.BenchConfig(
     num_requests=7,
     prompt_len=(3, 20),
     output_len=(2, 9),
+    output_median=4.0,
     batch_size=3,
     block_size=4,
     max_model_len=40,
@@ -109,6 +110,8 @@ def test_config_is_validated():
         dataclasses.replace(TINY, max_model_len=10)
     with pytest.raises(ValueError, match="prompt_len"):
         dataclasses.replace(TINY, prompt_len=(5, 2))
+    with pytest.raises(ValueError, match="output_median"):
+        dataclasses.replace(TINY, output_median=0)
 
 
 def test_workload_is_deterministic_windows_of_the_corpus(corpus, workload):
@@ -122,6 +125,7 @@ def test_workload_is_deterministic_windows_of_the_corpus(corpus, workload):
         assert TINY.output_len[0] <= r.max_tokens <= TINY.output_len[1]
         assert "," + ",".join(map(str, r.prompt_ids)) + "," in text
     assert len({len(r.prompt_ids) for r in workload}) > 1  # lengths really vary
+    assert len({r.max_tokens for r in workload}) > 1
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -134,17 +138,28 @@ def test_modes_produce_the_reference_greedy_outputs(tiny_path, workload, modes):
     for m in modes:
         assert [m.outputs[r.request_id].outputs[0].token_ids for r in workload] == reference
         assert m.output_tokens == sum(r.max_tokens for r in workload)
-        assert m.preemptions == 0  # the KV cache is sized for max_num_seqs full-length requests
+    # the first three caches are sized for max_num_seqs full-length requests
+    assert [m.preemptions for m in modes[:3]] == [0, 0, 0]
+
+
+def test_same_memory_run_is_uncapped_within_static_memory(modes):
+    mem = modes[3]
+    assert mem.max_num_seqs == TINY.num_requests
+    assert bench.same_memory_blocks(TINY) == TINY.batch_size * TINY.max_model_len // TINY.block_size
+    # paging fits more requests than static batching's B into the same memory
+    assert max(s.running for s in mem.waste) > TINY.batch_size
+    assert all(s.paged_allocated <= bench.same_memory_blocks(TINY) * TINY.block_size
+               for s in mem.waste)  # fmt: skip
 
 
 def test_mode_step_counts(workload, modes):
-    one, static, cont = modes
+    one, static, cont, mem = modes
     # one at a time: a step per output token (the prompt's step samples the first one)
     assert one.steps == sum(r.max_tokens for r in workload)
     # static: each group takes as many steps as its longest request
     groups = [workload[i : i + TINY.batch_size] for i in range(0, len(workload), TINY.batch_size)]
     assert static.steps == sum(max(r.max_tokens for r in g) for g in groups)
-    assert cont.steps <= static.steps
+    assert mem.steps <= cont.steps <= static.steps
 
 
 def test_ttft_and_latency_are_consistent(modes):
@@ -187,8 +202,8 @@ def test_waste_probe_matches_block_tables(loaded, workload):
 
 
 def test_waste_summary_orders_the_policies(modes):
-    samples = modes[2].waste
-    assert len(samples) >= modes[2].steps - 1
+    samples = modes[3].waste
+    assert len(samples) >= modes[3].steps - 1
     w = bench.waste_summary(samples)
     assert 0 <= w["paged"] < 1 and 0 <= w["exact"] <= w["max_len"] < w["notes"] < 1
     with pytest.raises(ValueError, match="no waste samples"):
@@ -219,7 +234,7 @@ def test_main_quick_writes_its_section(tiny_path, tmp_path, capsys):
     assert "<!-- begin:batching -->" in text and "torch threads used: 1" in text
     for heading in ("Throughput and latency", "memory waste", "Prefix caching"):
         assert heading in text
-    assert "identical in all three modes: 12/12" in text
+    assert "identical in all four modes: 12/12" in text
     assert "wrote" in capsys.readouterr().out
 
 
