@@ -369,3 +369,20 @@ def test_bench_bytes_per_token_match_the_gguf(bundled_gguf_path, one_thread) -> 
     model = load_model(str(bundled_gguf_path), "cpu").model
     assert bench_kernels.decode_bytes_per_token(model) == want
     assert bench_kernels.decode_bytes_per_token(model, fp32=True) > 5 * want
+
+
+def test_auto_picks_cpu_without_a_gpu(monkeypatch) -> None:  # noqa: ANN001
+    """'auto' is cuda only with a real GPU, else the Numba backend; MINILLM_BACKEND overrides."""
+    from minillm import kernels
+
+    monkeypatch.delenv("MINILLM_BACKEND", raising=False)
+    monkeypatch.setattr(kernels, "cuda_available", lambda: False)
+    assert kernels.resolve_backend_name("auto") == "cpu"
+    assert kernels.get_backend() is cpu
+    monkeypatch.setenv("MINILLM_BACKEND", "ref")
+    assert kernels.resolve_backend_name("auto") == "ref"
+    monkeypatch.setenv("MINILLM_BACKEND", "auto")
+    assert kernels.resolve_backend_name("auto") == "cpu"
+    monkeypatch.setenv("MINILLM_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        kernels.resolve_backend_name("auto")

@@ -35,18 +35,21 @@ def _importable(name: str) -> bool:
 
 
 def resolve_backend_name(name: str = "auto") -> str:
-    """'auto' -> $MINILLM_BACKEND if set, else cuda when a GPU is there, else ref."""
+    """'auto' -> $MINILLM_BACKEND if set, else cuda when a GPU is there, else cpu (Numba),
+    else ref (torch) where Numba is missing."""
     if name != "auto":
         if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
-                             "or 'auto'")
+            raise ValueError(
+                f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+            )
         return name
     forced = os.environ.get("MINILLM_BACKEND")
     if forced:
-        return resolve_backend_name(forced) if forced != "auto" else "ref"
+        if forced != "auto":
+            return resolve_backend_name(forced)
     if cuda_available() and _importable("cuda"):
         return "cuda"
-    return "ref"  # TODO(issue 5): "cpu" once the Numba backend has landed
+    return "cpu" if _importable("cpu") else "ref"
 
 
 def get_backend(name: str = "auto") -> ModuleType:
