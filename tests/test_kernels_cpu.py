@@ -386,3 +386,12 @@ def test_auto_picks_cpu_without_a_gpu(monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("MINILLM_BACKEND", "tpu")
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         kernels.resolve_backend_name("auto")
+
+
+def test_warmup_runs_the_engine_on_cpu(tmp_path, capsys) -> None:  # noqa: ANN001
+    from minillm.kernels import warmup
+    from minillm.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "llama", "llama", seed=5)
+    assert warmup.main([str(path)]) == 0
+    assert "cpu kernels ready" in capsys.readouterr().out
