@@ -27,10 +27,10 @@ from minillm.formats.blocks import (
 from minillm.formats.gguf import GGUFFile
 
 FORMATS = list(BLOCK_LAYOUT)
-GGUF_QUANTIZES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]  # checked below
+GGUF_QUANTIZES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"]  # checked below
 K_QUANTS = ["Q4_K", "Q6_K"]
 # byte offsets of the fp16 scale fields inside one block
-FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}
+FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
 
 
 def gguf_type(fmt: str) -> GGMLQuantizationType:
@@ -63,10 +63,11 @@ def test_block_sizes_are_llama_cpps():
         "Q8_0": 2 + 32,  # d, qs[32]
         "Q4_0": 2 + 16,  # d, qs[16]
         "Q4_1": 2 + 2 + 16,  # d, m, qs[16]
+        "Q5_0": 2 + 4 + 16,  # d, qh[4], qs[16]
         "Q4_K": 2 + 2 + 12 + 128,  # d, dmin, scales[12], qs[128]
         "Q6_K": 128 + 64 + 16 + 2,  # ql, qh, scales, d
     }
-    assert fields == {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+    assert fields == {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q4_K": 144, "Q6_K": 210}
     for fmt, (elems, nbytes) in BLOCK_LAYOUT.items():
         assert GGML_QUANT_SIZES[gguf_type(fmt)] == (elems, nbytes), fmt
         if fmt in fields:
@@ -155,6 +156,9 @@ def edge_blocks() -> np.ndarray:
         ties,
         -ties,
         np.linspace(-8, 7, 32),  # Q4_0's grid when the extreme value is -8
+        np.linspace(-16, 15, 32),  # Q5_0's grid when the extreme value is -16
+        np.r_[-16.0, 16.0, np.zeros(30)],  # +16 lands past the top code (16.5 -> 31 in Q4_0)
+        np.r_[np.zeros(30), 16.0, -16.0],  # the first of two equal magnitudes sets the sign
         np.linspace(-1, 1, 32) * 1e-20,  # scale underflows fp16
         np.linspace(-1, 1, 32) * 1e-7,
         np.linspace(-3e4, 3e4, 32),  # scales near the top of fp16
@@ -196,6 +200,26 @@ def float_rows(draw: st.DrawFn, elems: int) -> np.ndarray:
 def test_quantize_equals_gguf_on_random_values(fmt: str, data: st.DataObject):
     x = data.draw(float_rows(32))
     assert np.array_equal(quantize(x, fmt).data, gguf_bytes(x, fmt))
+
+
+def test_q5_0_block_layout_by_hand():
+    # x = q - 16 for q = 0..31: d = -16 / -16 = 1 and the codes come back as 0..31. The 5th
+    # bits (set for q >= 16, i.e. weights 16..31) form the little-endian uint32 0xFFFF0000;
+    # byte j of qs holds weight j's low nibble and weight j+16's in its high nibble.
+    x = (np.arange(32) - 16).astype(np.float32)
+    block = quantize(x, "Q5_0").data[0]
+    assert block.shape == (22,)
+    assert block[0:2].view("<f2")[0] == 1.0
+    assert block[2:6].view("<u4")[0] == 0xFFFF0000
+    assert np.array_equal(block[6:22], np.arange(16, dtype=np.uint8) * np.uint8(0x11))
+    assert np.array_equal(dequantize(quantize(x, "Q5_0")), x)
+
+
+def test_q5_0_sits_between_q4_0_and_q8_0():
+    # One more bit than Q4_0 halves the grid step: the error drops by about 2x.
+    x = np.random.default_rng(4).standard_normal((16, 1024)).astype(np.float32)
+    q4, q5, q8 = (relative_rms_error(x, f) for f in ("Q4_0", "Q5_0", "Q8_0"))
+    assert q8 < q5 < 0.6 * q4
 
 
 def test_bf16_keeps_nan_and_inf_like_gguf():
@@ -313,7 +337,9 @@ def test_bad_quantize_calls_are_rejected():
         bytes_per_row("Q6_K", 300)
 
 
-@pytest.mark.parametrize(("fmt", "value"), [("F16", 1e5), ("Q4_1", 2e6), ("Q4_K", 1e9)])
+@pytest.mark.parametrize(
+    ("fmt", "value"), [("F16", 1e5), ("Q4_1", 2e6), ("Q5_0", 2e6), ("Q4_K", 1e9)]
+)
 def test_values_beyond_fp16_scales_are_rejected(fmt: str, value: float):
     x = np.r_[np.zeros(255), value].astype(np.float32)
     with pytest.raises(ValueError, match="overflows fp16"):

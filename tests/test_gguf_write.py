@@ -12,7 +12,7 @@ from gguf import GGUFReader, GGUFValueType
 
 from minillm import LLM, SamplingParams
 from minillm.config import ModelConfig
-from minillm.formats.blocks import QuantTensor, quantize
+from minillm.formats.blocks import BLOCK_LAYOUT, QuantTensor, quantize
 from minillm.formats.gguf import GGUFFile, read_metadata
 from minillm.formats.gguf_write import (
     TypedValue,
@@ -213,3 +213,19 @@ def test_bundled_model_written_as_q8_0_runs_alike_in_transformers(bundled_gguf_p
                           do_sample=False)[0, len(prompt):].tolist()  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == ref
+
+
+def test_every_block_format_round_trips(tmp_path):
+    # Each format we hold is written under its ggml type (Q5_0 is type 6) and read back, by
+    # minillm and by gguf-py, as the same type and the same bytes.
+    x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+    tensors = {f"t.{fmt}": quantize(x, fmt) for fmt in BLOCK_LAYOUT}
+    meta = {"general.name": TypedValue("t", GGUFValueType.STRING)}
+    path = write_gguf(tmp_path / "all.gguf", "llama", tensors, meta)
+    back = GGUFFile(path).tensors
+    for name, t in tensors.items():
+        assert back[name].format == t.format and back[name].shape == t.shape
+        assert np.array_equal(back[name].data, t.data)
+    types = {t.name: (t.tensor_type.name, int(t.tensor_type)) for t in GGUFReader(path).tensors}
+    assert types["t.Q5_0"] == ("Q5_0", 6)
+    assert all(types[name][0] == t.format for name, t in tensors.items())

@@ -5,8 +5,8 @@ directly; dequantization to fp32 exists for every format and is the reference.
 
 Every block format cuts a row into blocks of a fixed number of weights and stores each block as
 a few scales plus small integers. The layouts below follow llama.cpp's ``ggml-common.h`` byte for
-byte, and the quantizers of the simple formats (F16, BF16, Q8_0, Q4_0, Q4_1) round exactly like
-llama.cpp's reference code, so our bytes equal those of ``gguf.quants.quantize``.
+byte, and the quantizers of the simple formats (F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0) round exactly
+like llama.cpp's reference code, so our bytes equal those of ``gguf.quants.quantize``.
 All multi-byte fields are little-endian, as in a GGUF file.
 """
 
@@ -25,6 +25,7 @@ BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
     "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
     "Q4_K": (256, 144),
     "Q6_K": (256, 210),
 }
@@ -194,6 +195,17 @@ def _dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
     return x
 
 
+def _dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    # [0:2] d fp16 | [2:6] qh: bit j of this little-endian uint32 is the 5th bit of weight j |
+    # [6:22] 16 bytes of low nibbles as in Q4_0;  x = d * (q - 16)
+    x = _nibbles_as_float(blocks[:, 6:])
+    high = np.unpackbits(blocks[:, 2:6], axis=1, bitorder="little")  # (n, 32) of 0/1
+    x += np.float32(16) * high
+    x -= np.float32(16)
+    x *= _f16(blocks[:, 0:2])
+    return x
+
+
 def _unpack_q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """12 bytes -> 8 six-bit scales and 8 six-bit mins, one pair per 32-weight sub-block.
 
@@ -249,6 +261,7 @@ _DEQUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Q8_0": _dequantize_q8_0,
     "Q4_0": _dequantize_q4_0,
     "Q4_1": _dequantize_q4_1,
+    "Q5_0": _dequantize_q5_0,
     "Q4_K": _dequantize_q4_k,
     "Q6_K": _dequantize_q6_k,
 }
@@ -318,6 +331,18 @@ def _quantize_q4_1(x: np.ndarray) -> np.ndarray:
     d = (x.max(axis=1, keepdims=True) - lo) / np.float32(15)
     q = np.trunc((x - lo) * _reciprocal(d) + np.float32(0.5)).astype(np.uint8).clip(0, 15)
     return np.concatenate([_f16_bytes(d, "Q4_1"), _f16_bytes(lo, "Q4_1"), _pack_nibbles(q)], axis=1)
+
+
+def _quantize_q5_0(x: np.ndarray) -> np.ndarray:
+    # Q4_0 with one more bit: the signed value of largest magnitude maps to -16, so
+    # d = that value / -16 and q = trunc(x / d + 16.5) clipped to 0..31. The low 4 bits of q are
+    # packed as Q4_0's nibbles, the 5th bits of the 32 weights go into one uint32 (qh).
+    biggest = np.take_along_axis(x, np.abs(x).argmax(axis=1, keepdims=True), axis=1)
+    d = biggest / np.float32(-16)
+    q = np.trunc(x * _reciprocal(d) + np.float32(16.5)).astype(np.uint8).clip(0, 31)
+    qh = np.packbits(q >> np.uint8(4), axis=1, bitorder="little")  # (n, 4)
+    qs = _pack_nibbles(q & np.uint8(0x0F))
+    return np.concatenate([_f16_bytes(d, "Q5_0"), qh, qs], axis=1)
 
 
 def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -479,6 +504,7 @@ _QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Q8_0": _quantize_q8_0,
     "Q4_0": _quantize_q4_0,
     "Q4_1": _quantize_q4_1,
+    "Q5_0": _quantize_q5_0,
     "Q4_K": _quantize_q4_k,
     "Q6_K": _quantize_q6_k,
 }
@@ -487,8 +513,8 @@ _QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 def quantize(values: np.ndarray, fmt: str) -> QuantTensor:
     """Store float values (any shape, last axis = rows of whole blocks) in format ``fmt``.
 
-    Values are taken as float32 first, as llama.cpp does. F16, BF16, Q8_0, Q4_0 and Q4_1 give
-    the same bytes as gguf-py's quantizers (which follow llama.cpp's reference rounding);
+    Values are taken as float32 first, as llama.cpp does. F16, BF16, Q8_0, Q4_0, Q4_1 and Q5_0
+    give the same bytes as gguf-py's quantizers (which follow llama.cpp's reference rounding);
     Q4_K and Q6_K use our own version of llama.cpp's scale search (same layout, other bytes).
     NaN/Inf in a block format, or values whose fp16 scale would overflow, raise ValueError
     (gguf would silently store an infinite scale).

@@ -36,8 +36,8 @@ _SCALARS: dict[int, tuple[str, str]] = {
 }
 _STRING, _ARRAY = 8, 9
 # ggml type ids of the formats we can hold (ggml.h `enum ggml_type`)
-_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K",
-               30: "BF16"}
+_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K",
+               14: "Q6_K", 30: "BF16"}
 # ggml I8: plain int8 tensors, kept apart in GGUFFile.int8_tensors (minillm writes per-channel
 # int8 weights this way, with an F32 "<name>.scale" beside each; see formats/int8_rows.py)
 _GGML_I8 = "TYPE_24"

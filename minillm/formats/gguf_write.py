@@ -37,6 +37,7 @@ FILE_TYPES: dict[str, LlamaFileType] = {
     "Q8_0": LlamaFileType.MOSTLY_Q8_0,
     "Q4_0": LlamaFileType.MOSTLY_Q4_0,
     "Q4_1": LlamaFileType.MOSTLY_Q4_1,
+    "Q5_0": LlamaFileType.MOSTLY_Q5_0,
     "Q4_K": LlamaFileType.MOSTLY_Q4_K_M,
     "Q6_K": LlamaFileType.MOSTLY_Q6_K,
 }
