@@ -18,7 +18,7 @@ from minillm.formats.blocks import BLOCK_LAYOUT, quantize
 from minillm.kernels import cpu, ref
 from minillm.kernels.cpu_packing import PackedWeight
 
-FORMATS = ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "F32", "F16", "BF16"]
+FORMATS = ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q8_0", "Q6_K", "F32", "F16", "BF16"]
 FEW = settings(max_examples=12, deadline=None)
 
 
@@ -89,6 +89,17 @@ def test_packing_keeps_gguf_bytes() -> None:
     for fmt in ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"):
         qt, packed, _ = _weights(fmt, 8, 4, seed=0)
         assert packed.nbytes == qt.nbytes, fmt
+
+
+def test_q5_0_widens_to_int8_exactly() -> None:
+    """Q5_0 reuses Q8_0's kernels: int8 codes q - 16 and the fp16 block scale, bit for bit."""
+    qt, packed, _ = _weights("Q5_0", 6, 3, seed=1)
+    assert (packed.kind, packed.block, packed.scale.dtype) == ("q8", 32, np.uint16)
+    assert packed.codes.min() >= -16 and packed.codes.max() <= 15
+    scale = packed.scale.view(np.float16).astype(np.float32)  # (rows, blocks)
+    values = packed.codes.reshape(6, 3, 32).astype(np.float32) * scale[:, :, None]
+    assert np.array_equal(values.reshape(6, 96), qt.dequantize())
+    assert packed.nbytes == 6 * 3 * (32 + 2)  # 8.5 bits per weight in memory, 5.5 on disk
 
 
 def test_linear_rejects_bad_input() -> None:

@@ -128,10 +128,10 @@ def check_linear_tiled_matmul() -> None:
 
 
 def check_linear_reads_wider_formats_as_fp32() -> None:
-    """F16/BF16/K-quants have no kernel: they are widened to F32 at load and still agree."""
+    """F16/BF16/K-quants/Q5_0 have no kernel: they are widened to F32 at load and still agree."""
     cu, ref = _backends()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
-    for fmt in ("F16", "Q4_K"):
+    for fmt in ("F16", "Q4_K", "Q5_0"):
         w = _quant((8, 256), fmt, seed=3)
         w_cu = cu.prepare_linear(w)
         assert w_cu.format == "F32"

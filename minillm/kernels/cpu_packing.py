@@ -12,9 +12,11 @@ Three kernel families cover every format:
   weight j+16 in the high nibble, as Q4_0/Q4_1 store them), value = scale * q + mult * offset.
   Q4_0 (offset = scale, mult = -8), Q4_1 (offset = m, mult = 1) and Q4_K (sub-block scales
   and mins of its 256-weight super-blocks turned into fp32, mult = -1).
-- ``q8``: int8 codes with one scale per block: Q8_0 (32 per block, fp16 scale) and Q6_K
-  (16 per block, fp32 scale d * sc; the 6-bit codes minus 32 fit in int8: exact, but 10 bits
-  per weight instead of 6.56 - a dequantize-to-int8-at-load compromise).
+- ``q8``: int8 codes with one scale per block: Q8_0 (32 per block, fp16 scale), Q5_0 (32 per
+  block, fp16 scale; its 5-bit codes minus 16 fit in int8: exact, but 8.5 bits per weight
+  instead of 5.5) and Q6_K (16 per block, fp32 scale d * sc; the 6-bit codes minus 32 fit in
+  int8: exact, but 10 bits per weight instead of 6.56). Q5_0 and Q6_K are a
+  widen-to-int8-at-load compromise: one kernel family fewer, at the cost of memory traffic.
 - ``float``: F32 as float32; F16 and BF16 stay 16-bit and are widened inside the kernel.
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 from minillm.formats.blocks import BLOCK_LAYOUT, QuantTensor
 
 Q4_FORMATS = ("Q4_0", "Q4_1", "Q4_K")
-Q8_FORMATS = ("Q8_0", "Q6_K")
+Q8_FORMATS = ("Q8_0", "Q5_0", "Q6_K")
 FLOAT_FORMATS = ("F32", "F16", "BF16")
 
 
@@ -126,6 +128,17 @@ def _pack_q8_0(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
     return PackedWeight(t.format, "q8", rows, cols, codes, _f16_bits(blocks[:, :, 0:2]), _EMPTY)
 
 
+def _pack_q5_0(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
+    # [d fp16][qh: 5th bit of weight j = bit j of a little-endian uint32][16 bytes of low
+    # nibbles, Q4_0's order]; value = d * (q - 16), q - 16 in -16..15: Q8_0's kernel as is
+    blocks = t.data.reshape(rows, cols // 32, 22)
+    high = np.unpackbits(blocks[:, :, 2:6], axis=2, bitorder="little")  # (rows, nb, 32) 0/1
+    qs = blocks[:, :, 6:22]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # (rows, nb, 32) 0..15
+    codes = ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8).reshape(rows, cols)
+    return PackedWeight(t.format, "q8", rows, cols, codes, _f16_bits(blocks[:, :, 0:2]), _EMPTY)
+
+
 def _pack_q6_k(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
     # [0:128] ql low 4 bits | [128:192] qh high 2 bits | [192:208] int8 scale per 16 | d fp16
     blocks = t.data.reshape(-1, 210)
@@ -158,6 +171,7 @@ _PACKERS = {
     "Q4_1": _pack_q4_0_1,
     "Q4_K": _pack_q4_k,
     "Q8_0": _pack_q8_0,
+    "Q5_0": _pack_q5_0,
     "Q6_K": _pack_q6_k,
     "F32": _pack_float,
     "F16": _pack_float,
