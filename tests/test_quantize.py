@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFReader
 
 from minillm import LLM
 from minillm.cli import main as cli_main
@@ -127,10 +128,12 @@ def logits(config, weights, ids, ops=None):  # noqa: ANN001, ANN201
 
 @pytest.mark.parametrize(
     ("method", "fmt"),
-    [("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("int4", "Q4_1"), ("q4_k", "Q4_0"), ("q6_k", "Q8_0")],
-)
+    [("q8_0", "Q8_0"), ("q5_0", "Q5_0"), ("q4_0", "Q4_0"), ("int4", "Q4_1"), ("q4_k", "Q5_0"),
+     ("q6_k", "Q8_0")],
+)  # fmt: skip
 def test_block_methods_store_linears_in_their_format(tiny, method, fmt):
-    # the tiny model's rows (64, 128 wide) are too short for K-quants: they fall back
+    # the tiny model's rows (64, 128 wide) are too short for K-quants: they fall back as in
+    # llama.cpp's llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0)
     _, config, weights, _ = tiny
     qm = quantize_model(config, weights, method)
     for lw, src in zip(qm.weights.layers, weights.layers, strict=True):
@@ -141,7 +144,7 @@ def test_block_methods_store_linears_in_their_format(tiny, method, fmt):
     assert qm.weights.embed.format == "Q8_0"  # F32 source embeddings are stored as Q8_0
 
 
-@pytest.mark.parametrize("method", ["q8_0", "int8", "awq-int4"])
+@pytest.mark.parametrize("method", ["q8_0", "q5_0", "int8", "awq-int4"])
 def test_written_file_loads_as_the_model_in_memory(tiny, tmp_path, method):
     folder, config, weights, tokenizer = tiny
     calib = calibration_ids(tokenizer, 96) if method.startswith("awq") else None
@@ -217,6 +220,28 @@ def test_awq_beats_round_to_nearest_on_real_activations(real_two_layers):
     rtn_err = np.mean((x @ ragged(w).T - exact) ** 2)
     awq_err = np.mean(((x / norm_ratio) @ ragged(w_awq).T - exact) ** 2)
     assert awq_err < rtn_err
+
+
+def test_q4_k_on_real_rows_is_q4_k_where_256_fits_and_q5_0_elsewhere(real_two_layers, tmp_path,
+                                                                      bundled_gguf_path):  # fmt: skip
+    # SmolLM2: hidden 576 = 2.25 x 256, so only ffn_down (rows of 1536 = 6 x 256) takes Q4_K
+    config, weights, _ = real_two_layers
+    qm = quantize_model(config, weights, "q4_k")
+    for lw in qm.weights.layers:
+        formats = {f: getattr(lw, f).format for f in LINEAR_FIELDS}
+        assert formats == {**dict.fromkeys(LINEAR_FIELDS, "Q5_0"), "w_down": "Q4_K"}
+    # w_down holds 1/4 of each layer's linear weights (3 x 576 x 1536 of 4 x 576 x 1536 + ...)
+    n = {f: getattr(qm.weights.layers[0], f).n_elements for f in LINEAR_FIELDS}
+    share = n["w_down"] / sum(n.values())
+    assert qm.linear_bits_per_weight == pytest.approx(4.5 * share + 5.5 * (1 - share))
+    path = save_quantized_gguf(qm, tmp_path / "two-q4_k.gguf",
+                               source_metadata(bundled_gguf_path, config, None))  # fmt: skip
+    reader = GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == 15  # MOSTLY_Q4_K_M, as llama.cpp
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.1.ffn_down.weight"] == "Q4_K" and kinds["blk.1.attn_q.weight"] == "Q5_0"
+    _, back, _ = read_model_files(path)
+    assert np.array_equal(back.layers[1].w_up.data, qm.weights.layers[1].w_up.data)
 
 
 # ----------------------------------------------------------------- KV int8

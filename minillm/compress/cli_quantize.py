@@ -1,6 +1,6 @@
 """`minillm quantize MODEL --to FORMAT -o out.gguf`: like llama.cpp's llama-quantize.
 
-Block formats (q8_0, q4_0, q4_1, q4_k, q6_k) map directly onto GGUF types; `int4` is group-32
+Block formats (q8_0, q5_0, q4_0, q4_1, q4_k, q6_k) map directly onto GGUF types; `int4` is group-32
 asymmetric int4, which is exactly Q4_1's layout; `awq-int4` runs AWQ's activation-aware scale
 search on calibration text first, then stores Q4_1; `int8` is per-channel int8, stored as GGUF
 I8 tensors plus an F32 row-scale tensor each (minillm reads it; llama.cpp does not).

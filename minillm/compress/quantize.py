@@ -120,12 +120,14 @@ def fake_quantize_int8(w: torch.Tensor) -> torch.Tensor:
 # method -> (format of the linear weights, format where a row does not fit its blocks)
 BLOCK_METHODS: dict[str, tuple[str, str]] = {
     "q8_0": ("Q8_0", "Q8_0"),
+    "q5_0": ("Q5_0", "Q5_0"),
     "q4_0": ("Q4_0", "Q4_0"),
     "q4_1": ("Q4_1", "Q4_1"),
     "int4": ("Q4_1", "Q4_1"),  # group 32, asymmetric: exactly Q4_1's layout
-    # K-quants need rows of 256 weights; llama.cpp falls back to Q5_0 for narrower rows. minillm
-    # has no Q5_0, so 4-bit Q4_0 stands in (the same 4.5 bits per weight as Q4_K).
-    "q4_k": ("Q4_K", "Q4_0"),
+    # K-quants need rows of 256 weights. For narrower rows llama.cpp's llama-quantize falls back
+    # to a 32-weight format one step more precise (Q4_K -> Q5_0, Q6_K -> Q8_0), so a "Q4_K"
+    # model of SmolLM2 (hidden size 576 = 2.25 x 256) is mostly Q5_0: 5.5 bits per weight.
+    "q4_k": ("Q4_K", "Q5_0"),
     "q6_k": ("Q6_K", "Q8_0"),
 }
 FAKE_INT4_METHODS = {"int4-g128": 128, "int4-g64": 64}  # in memory only: no GGUF layout
