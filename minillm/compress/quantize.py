@@ -126,7 +126,7 @@ BLOCK_METHODS: dict[str, tuple[str, str]] = {
     "int4": ("Q4_1", "Q4_1"),  # group 32, asymmetric: exactly Q4_1's layout
     # K-quants need rows of 256 weights. For narrower rows llama.cpp's llama-quantize falls back
     # to a 32-weight format one step more precise (Q4_K -> Q5_0, Q6_K -> Q8_0), so a "Q4_K"
-    # model of SmolLM2 (hidden size 576 = 2.25 x 256) is mostly Q5_0: 5.5 bits per weight.
+    # model of SmolLM2 (hidden size 576 = 2.25 x 256) is Q4_K only in ffn_down, Q5_0 elsewhere.
     "q4_k": ("Q4_K", "Q5_0"),
     "q6_k": ("Q6_K", "Q8_0"),
 }
