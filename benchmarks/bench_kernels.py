@@ -15,9 +15,11 @@ Side by side on the bundled model, interleaved repetitions, medians reported:
 The full run writes the "kernels" section of BENCHMARKS.md; ``--quick`` only prints unless
 ``--write`` is given. The machine's load average is recorded: other processes on the same
 cores slow every engine here, parallel ones (2 threads waiting on each other) the most. By
-default OpenMP's wait policy is set to ``passive`` (idle workers sleep at once) for every
-engine alike: with the default spinning workers, a busy machine made 2-thread decode up to 10x
-slower and the numbers meaningless (``--omp-wait-policy unset`` keeps the library default).
+default OpenMP's wait policy is left as the libraries set it (workers spin a while between
+parallel regions), which is what a user gets and what a quiet machine rewards: on this 2-core
+box ``passive`` (idle workers sleep at once) made `cpu` decode 2.5x slower, since one decode
+step runs ~300 short parallel regions; on a busy machine spinning workers fight the other
+processes, and ``--omp-wait-policy passive`` gives steadier numbers.
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--no-peers", action="store_true", help="skip HF transformers / llama.cpp")
-    ap.add_argument("--omp-wait-policy", choices=["passive", "active", "unset"], default="passive",
+    ap.add_argument("--omp-wait-policy", choices=["passive", "active", "unset"], default="unset",
                     help="OMP_WAIT_POLICY for every engine (set before torch and Numba start)")  # fmt: skip
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="write BENCHMARKS.md (default: yes for the full run, no for --quick)")  # fmt: skip
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts.append(f"batched x{cfg.batch} = {batched['cpu'] / cpu:.1f}x one stream (target >= 6x)")
     command = "python benchmarks/bench_kernels.py" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads}" + (" --no-peers" if args.no_peers else "")
-    if args.omp_wait_policy != "passive":
+    if args.omp_wait_policy != "unset":
         command += f" --omp-wait-policy {args.omp_wait_policy}"
     loaded = llms["cpu"].loaded
     model = f"{args.model} ({gguf.name}, {loaded.config.num_layers} layers)"
