@@ -21,17 +21,35 @@ class LLM:
     >>> llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=8))[0].outputs[0].text
     """
 
-    def __init__(self, model: str = "smollm2", *, backend: str = "auto",
-                 block_size: int = 16, kv_cache_memory: str | int = "256MiB",
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True) -> None:
+    def __init__(
+        self,
+        model: str = "smollm2",
+        *,
+        backend: str = "auto",
+        block_size: int = 16,
+        kv_cache_memory: str | int = "256MiB",
+        num_kv_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
         self.loaded = load_model(model, backend)
-        self.engine = LLMEngine(self.loaded.model, self.loaded.tokenizer, EngineConfig(
-            block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_prefill=enable_chunked_prefill))
+        self.engine = LLMEngine(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            EngineConfig(
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                num_kv_blocks=num_kv_blocks,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                enable_prefix_caching=enable_prefix_caching,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+        )
         self._ids = itertools.count()
 
     @property
@@ -43,12 +61,16 @@ class LLM:
         return self.loaded.config
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        return self.loaded.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.loaded.chat_template.render(
+            messages, add_generation_prompt=add_generation_prompt
+        )
 
     # ------------------------------------------------------------------ batch APIs
-    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion (batched); outputs in the order of the prompts."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -75,15 +97,18 @@ class LLM:
             raise
         return [finished[r] for r in ids]
 
-    def chat(self, messages: Messages | Sequence[Messages],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             ) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """Like generate, for conversations: each goes through the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         return self.generate([self.apply_chat_template(c) for c in convs], sampling_params)
 
-    def stream(self, prompt: str | Messages,
-               sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: str | Messages, sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
         """Yield one request's output as it grows, in DELTA mode (only the new text/tokens)."""
         text = prompt if isinstance(prompt, str) else self.apply_chat_template(prompt)
         params = sampling_params or SamplingParams()
@@ -99,20 +124,28 @@ class LLM:
                     if out.request_id != rid:
                         continue
                     c = out.outputs[0]
-                    delta = CompletionOutput(c.index, c.text[sent_text:], c.token_ids[sent_ids:],
-                                             c.finish_reason, c.stop_reason, c.cumulative_logprob,
-                                             c.logprobs)
+                    delta = CompletionOutput(
+                        c.index,
+                        c.text[sent_text:],
+                        c.token_ids[sent_ids:],
+                        c.finish_reason,
+                        c.stop_reason,
+                        c.cumulative_logprob,
+                        c.logprobs,
+                    )
                     sent_text, sent_ids = len(c.text), len(c.token_ids)
                     done = out.finished
-                    yield RequestOutput(rid, out.prompt, out.prompt_token_ids, [delta],
-                                        out.finished, out.metrics)
+                    yield RequestOutput(
+                        rid, out.prompt, out.prompt_token_ids, [delta], out.finished, out.metrics
+                    )
         finally:
             if not done:
                 self.engine.abort_request(rid)
 
     @staticmethod
-    def _params_list(params: SamplingParams | Sequence[SamplingParams] | None,
-                     n: int) -> list[SamplingParams]:
+    def _params_list(
+        params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
         if params is None:
             return [SamplingParams()] * n
         if isinstance(params, SamplingParams):

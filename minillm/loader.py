@@ -47,8 +47,10 @@ def read_model_files(path: Path) -> tuple[ModelConfig, ModelWeights, Tokenizer]:
     if (path / "config.json").is_file():
         config = ModelConfig.from_hf_config(path / "config.json")
         return config, load_hf_weights(path, config), Tokenizer.from_pretrained_dir(path)
-    raise FileNotFoundError(f"{path} is neither a .gguf file nor a Hugging Face model folder "
-                            "(config.json + *.safetensors + tokenizer.json)")
+    raise FileNotFoundError(
+        f"{path} is neither a .gguf file nor a Hugging Face model folder "
+        "(config.json + *.safetensors + tokenizer.json)"
+    )
 
 
 def load_model(model: str | Path = "smollm2", backend: str = "auto") -> LoadedModel:
@@ -57,7 +59,9 @@ def load_model(model: str | Path = "smollm2", backend: str = "auto") -> LoadedMo
     path = locate(model)
     config, weights, tokenizer = read_model_files(path)
     net = LlamaModel(config, weights, ops)
-    template = ChatTemplate(tokenizer.chat_template or "", tokenizer.bos_token or "",
-                            tokenizer.eos_token or "")
-    return LoadedModel(str(model), path, config, weights, net, tokenizer, template, ops,
-                       time.perf_counter() - t0)
+    template = ChatTemplate(
+        tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token or ""
+    )
+    return LoadedModel(
+        str(model), path, config, weights, net, tokenizer, template, ops, time.perf_counter() - t0
+    )

@@ -33,20 +33,32 @@ def make_tiny_tokenizer(folder: Path, vocab_size: int = 384) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS, trainer)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
-        "chat_template": CHATML, "model_max_length": 256,
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "chat_template": CHATML,
+                "model_max_length": 256,
+            }
+        )
+    )
     return tok.get_vocab_size()
 
 
-def make_tiny_model(folder: str | Path, arch: str = "llama", seed: int = 0,
-                    tie_word_embeddings: bool | None = None) -> Path:
+def make_tiny_model(
+    folder: str | Path, arch: str = "llama", seed: int = 0, tie_word_embeddings: bool | None = None
+) -> Path:
     """A 2-layer random Llama or Qwen2 in HF format (GQA: 4 query heads, 2 KV heads)."""
     import torch
     import transformers
@@ -54,9 +66,19 @@ def make_tiny_model(folder: str | Path, arch: str = "llama", seed: int = 0,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = make_tiny_tokenizer(folder)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if arch == "llama":
         tie = False if tie_word_embeddings is None else tie_word_embeddings
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=tie)

@@ -27,7 +27,9 @@ async def collect(aeng: AsyncLLMEngine, prompt, params) -> list:
 
 def test_concurrent_clients_get_their_solo_answers_and_share_steps(llm):
     prompts = [[5 + i, 6, 7 + 2 * i, 8] * (1 + i % 3) for i in range(8)]
-    solo = [o.outputs[0].token_ids for o in llm.generate(prompts, [greedy(6 + i) for i in range(8)])]
+    solo = [
+        o.outputs[0].token_ids for o in llm.generate(prompts, [greedy(6 + i) for i in range(8)])
+    ]
     aeng = AsyncLLMEngine(llm.engine)
     batch_sizes = []
     orig_step = llm.engine.step
@@ -39,9 +41,12 @@ def test_concurrent_clients_get_their_solo_answers_and_share_steps(llm):
 
     llm.engine.step = spy
     try:
+
         async def main():
-            return await asyncio.gather(*(collect(aeng, p, greedy(6 + i))
-                                          for i, p in enumerate(prompts)))
+            return await asyncio.gather(
+                *(collect(aeng, p, greedy(6 + i)) for i, p in enumerate(prompts))
+            )
+
         streams = asyncio.run(main())
     finally:
         llm.engine.step = orig_step
@@ -105,10 +110,12 @@ def test_step_error_fails_in_flight_and_loop_survives(llm):
 
     llm.engine.runner.execute = flaky
     try:
+
         async def main():
             first = await asyncio.gather(collect(aeng, [5, 6], greedy(3)), return_exceptions=True)
             second = await collect(aeng, [5, 6], greedy(3))
             return first[0], second
+
         err, ok = asyncio.run(main())
     finally:
         llm.engine.runner.execute = orig

@@ -124,9 +124,16 @@ PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5, 5, 
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "grow", "fork", "free"]),
-                          st.integers(0, 2), st.integers(0, 9)), max_size=60),
-       st.integers(1, 4), st.booleans())
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "grow", "fork", "free"]), st.integers(0, 2), st.integers(0, 9)
+        ),
+        max_size=60,
+    ),
+    st.integers(1, 4),
+    st.booleans(),
+)
 def test_random_interleavings_keep_invariants(ops, block_size, caching):
     bm = BlockManager(num_blocks=24, block_size=block_size, enable_prefix_caching=caching)
     live: list[Seq] = []
@@ -162,7 +169,9 @@ def test_random_interleavings_keep_invariants(ops, block_size, caching):
         for s in live:
             for i, b in enumerate(s.block_table[: s.num_computed_tokens // block_size]):
                 if bm.block_tokens[b] is not None:
-                    assert bm.block_tokens[b] == tuple(s.token_ids[i * block_size:(i + 1) * block_size])
+                    assert bm.block_tokens[b] == tuple(
+                        s.token_ids[i * block_size : (i + 1) * block_size]
+                    )
     for s in live:
         bm.free_blocks(s)
     assert bm.num_free_blocks == bm.num_blocks

@@ -35,8 +35,9 @@ def solo_outputs(tiny_path):
     """Each prompt generated alone: the reference every batched run must reproduce."""
     llm = make_llm(tiny_path, max_num_seqs=1, enable_prefix_caching=False)
     prompts = prompts_ragged(12)
-    return prompts, [llm.generate([p], greedy(4 + i % 9))[0].outputs[0].token_ids
-                     for i, p in enumerate(prompts)]
+    return prompts, [
+        llm.generate([p], greedy(4 + i % 9))[0].outputs[0].token_ids for i, p in enumerate(prompts)
+    ]
 
 
 def run_all(llm: LLM, prompts, n_tokens=None):
@@ -135,9 +136,16 @@ def test_bad_requests_raise_and_leave_engine_clean(tiny_path):
     assert llm.generate([[5, 6]], greedy(2))[0].finished
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(0, 11)),
-                min_size=1, max_size=40))
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(0, 11)),
+        min_size=1,
+        max_size=40,
+    )
+)
 def test_random_interleavings_leak_nothing(tiny_path, solo_outputs, ops):
     prompts, expected = solo_outputs
     llm = make_llm(tiny_path, num_kv_blocks=16, max_num_batched_tokens=16)

@@ -44,8 +44,9 @@ def test_perplexity_is_exp_mean_nll_over_windows(tiny):
     llm, hf = tiny
     ids = [(5 * i) % 300 + 3 for i in range(130)]
     got = perplexity(llm.loaded.model, ids, window=50)
-    lps = torch.cat([hf_logprobs(hf, ids[s:s + 50]) for s in range(0, 129, 50)
-                     if len(ids[s:s + 50]) > 1])
+    lps = torch.cat(
+        [hf_logprobs(hf, ids[s : s + 50]) for s in range(0, 129, 50) if len(ids[s : s + 50]) > 1]
+    )
     assert got.num_tokens == lps.numel() == 49 + 49 + 29
     assert got.value == pytest.approx(math.exp(-lps.double().mean().item()), rel=1e-4)
 

@@ -44,7 +44,8 @@ def test_header_only_read_matches(bundled_gguf_path, pair):
     header = read_header(bundled_gguf_path)
     assert header.version == 3
     assert {t.name: (t.type_name, t.shape) for t in header.tensors} == {
-        n: (q.format, q.shape) for n, q in pair[0].tensors.items()}
+        n: (q.format, q.shape) for n, q in pair[0].tensors.items()
+    }
     assert read_metadata(bundled_gguf_path)["general.architecture"] == "llama"
 
 

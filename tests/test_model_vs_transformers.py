@@ -23,14 +23,22 @@ def prefill_logits(model: LlamaModel, ids: list[int], block_size: int = 4) -> to
     kv = KVCache(cfg.num_layers, nblk + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
     table = list(range(1, nblk + 1))
     slots = [table[p // block_size] * block_size + p % block_size for p in range(t)]
-    batch = ForwardBatch(torch.tensor(ids), torch.arange(t), torch.tensor(slots), 0,
-                         torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                         [PrefillChunk(0, t, t, torch.tensor(table))], torch.arange(t))
+    batch = ForwardBatch(
+        torch.tensor(ids),
+        torch.arange(t),
+        torch.tensor(slots),
+        0,
+        torch.zeros(0, 0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        [PrefillChunk(0, t, t, torch.tensor(table))],
+        torch.arange(t),
+    )
     return model.forward(batch, kv.k, kv.v)
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", True),
-                                       ("qwen2", False)])
+@pytest.mark.parametrize(
+    "arch,tied", [("llama", False), ("llama", True), ("qwen2", True), ("qwen2", False)]
+)
 def test_tiny_random_logits_match(tmp_path, arch, tied):
     path = make_tiny_model(tmp_path / arch, arch, seed=3, tie_word_embeddings=tied)
     cfg = ModelConfig.from_hf_config(path / "config.json")
@@ -51,10 +59,14 @@ def test_tiny_greedy_generation_matches_hf(tmp_path):
     llm = LLM(str(path), backend="ref", block_size=4)
     for prompt in ([5, 9, 11], [7] * 13, list(range(20, 45))):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                              min_new_tokens=16)[0, len(prompt):].tolist()
-        got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16,
-                                                    ignore_eos=True))[0].outputs[0].token_ids
+            ref = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16
+            )[0, len(prompt) :].tolist()
+        got = (
+            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
+            .outputs[0]
+            .token_ids
+        )
         assert got == ref
 
 
@@ -78,7 +90,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def hf_bundled(bundled_gguf_path):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        bundled_gguf_path.parent, gguf_file=bundled_gguf_path.name, dtype=torch.float32).eval()
+        bundled_gguf_path.parent, gguf_file=bundled_gguf_path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +100,9 @@ def llm_bundled(bundled_gguf_path):
 
 
 def test_bundled_logits_close(hf_bundled, llm_bundled):
-    ids = llm_bundled.tokenizer.encode(llm_bundled.apply_chat_template(
-        [{"role": "user", "content": PROMPTS[0]}]))
+    ids = llm_bundled.tokenizer.encode(
+        llm_bundled.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])
+    )
     with torch.no_grad():
         ref = hf_bundled(torch.tensor([ids])).logits[0]
     got = prefill_logits(llm_bundled.loaded.model, ids, block_size=16)
@@ -100,10 +114,10 @@ def test_bundled_logits_close(hf_bundled, llm_bundled):
 def test_bundled_greedy_32_tokens_identical(hf_bundled, llm_bundled):
     texts = [llm_bundled.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     ids = [llm_bundled.tokenizer.encode(t) for t in texts]
-    outs = llm_bundled.generate(ids, SamplingParams(temperature=0, max_tokens=32,
-                                                    ignore_eos=True))
+    outs = llm_bundled.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     for prompt_ids, out in zip(ids, outs, strict=True):
         with torch.no_grad():
-            ref = hf_bundled.generate(torch.tensor([prompt_ids]), max_new_tokens=32,
-                                      min_new_tokens=32, do_sample=False)[0, len(prompt_ids):]
+            ref = hf_bundled.generate(
+                torch.tensor([prompt_ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False
+            )[0, len(prompt_ids) :]
         assert out.outputs[0].token_ids == ref.tolist()

@@ -22,8 +22,20 @@ import torch
 from minillm.model.llama import LlamaModel
 from minillm.model.scoring import token_logprobs
 
-EVAL_MODULES = ("argparse", "bisect", "difflib", "fractions", "heapq", "json", "shlex",
-                "statistics", "string", "textwrap", "functools", "calendar")
+EVAL_MODULES = (
+    "argparse",
+    "bisect",
+    "difflib",
+    "fractions",
+    "heapq",
+    "json",
+    "shlex",
+    "statistics",
+    "string",
+    "textwrap",
+    "functools",
+    "calendar",
+)
 
 
 def stdlib_docs_corpus(modules: Sequence[str] = EVAL_MODULES) -> str:
@@ -37,8 +49,11 @@ def stdlib_docs_corpus(modules: Sequence[str] = EVAL_MODULES) -> str:
             if attr.startswith("_"):
                 continue
             obj = getattr(mod, attr, None)
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__doc__ and \
-                    getattr(obj, "__module__", None) == name:
+            if (
+                (inspect.isfunction(obj) or inspect.isclass(obj))
+                and obj.__doc__
+                and getattr(obj, "__module__", None) == name
+            ):
                 parts.append(inspect.cleandoc(obj.__doc__))
     return "\n\n".join(parts)
 
@@ -57,8 +72,9 @@ class Perplexity:
         return 100.0 * (self.value - baseline.value) / baseline.value
 
 
-def perplexity(model: LlamaModel, token_ids: Sequence[int], window: int = 512,
-               max_tokens: int | None = None) -> Perplexity:
+def perplexity(
+    model: LlamaModel, token_ids: Sequence[int], window: int = 512, max_tokens: int | None = None
+) -> Perplexity:
     """Perplexity over non-overlapping windows of `window` tokens (each starts fresh)."""
     ids = list(token_ids[:max_tokens] if max_tokens else token_ids)
     if len(ids) < 2:
@@ -67,7 +83,7 @@ def perplexity(model: LlamaModel, token_ids: Sequence[int], window: int = 512,
         raise ValueError(f"window must be >= 2, got {window}")
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
-        chunk = ids[start:start + window]
+        chunk = ids[start : start + window]
         if len(chunk) < 2:
             break
         lp = token_logprobs(model, chunk)
@@ -112,10 +128,15 @@ def task_check(answers: Sequence[Sequence[int]], baseline: Sequence[Sequence[int
 
 
 @torch.inference_mode()
-def greedy_answers(llm, prompts: Sequence[str] = TASK_PROMPTS, max_tokens: int = 24,
-                   ) -> list[list[int]]:  # noqa: ANN001 - minillm.LLM
+def greedy_answers(
+    llm,
+    prompts: Sequence[str] = TASK_PROMPTS,
+    max_tokens: int = 24,
+) -> list[list[int]]:  # noqa: ANN001 - minillm.LLM
     from minillm.sampling import SamplingParams
 
-    outs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
-                    SamplingParams(temperature=0, max_tokens=max_tokens))
+    outs = llm.chat(
+        [[{"role": "user", "content": p}] for p in prompts],
+        SamplingParams(temperature=0, max_tokens=max_tokens),
+    )
     return [o.outputs[0].token_ids for o in outs]

@@ -62,8 +62,12 @@ class AsyncLLMEngine:
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------ client side
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after every step that advanced it.
 
         Leaving the loop early (a client that disconnects) aborts the request, which frees

@@ -46,10 +46,21 @@ class EngineStats:
 class _Request:
     """Engine-side bookkeeping of one request: its sequences, texts and timings."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
-                 params: SamplingParams, seq: Sequence, arrival: float) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seq: Sequence,
+        arrival: float,
+    ) -> None:
         self.request_id, self.prompt, self.prompt_ids, self.params = (
-            request_id, prompt, prompt_ids, params)
+            request_id,
+            prompt,
+            prompt_ids,
+            params,
+        )
         self.seqs = [seq]
         self.forked = params.n == 1
         self.texts: dict[int, str] = {0: ""}
@@ -62,37 +73,50 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer,
-                 config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None
+    ) -> None:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
-        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
-                                            mc.head_dim)
+        per_block = KVCache.bytes_per_block(
+            mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim
+        )
         num_blocks = config.num_kv_blocks or parse_size(config.kv_cache_memory) // per_block
         if num_blocks < 2:
-            raise ValueError(f"kv_cache_memory={config.kv_cache_memory!r} holds {num_blocks} "
-                             f"blocks of {per_block} bytes; need at least 2")
+            raise ValueError(
+                f"kv_cache_memory={config.kv_cache_memory!r} holds {num_blocks} "
+                f"blocks of {per_block} bytes; need at least 2"
+            )
         capacity = num_blocks * config.block_size
         max_len = config.max_model_len or min(mc.max_position_embeddings, capacity)
         if max_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_len} exceeds the model's context length "
-                             f"{mc.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's context length "
+                f"{mc.max_position_embeddings}"
+            )
         if max_len > capacity:  # one sequence alone must always fit, or it could never finish
-            raise ValueError(f"max_model_len={max_len} needs more KV slots than the cache holds "
-                             f"({num_blocks} blocks x {config.block_size} = {capacity}); raise "
-                             "kv_cache_memory or lower max_model_len")
+            raise ValueError(
+                f"max_model_len={max_len} needs more KV slots than the cache holds "
+                f"({num_blocks} blocks x {config.block_size} = {capacity}); raise "
+                "kv_cache_memory or lower max_model_len"
+            )
         self.max_model_len = max_len
-        self.kv_cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
-                                mc.head_dim)
-        self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        self.kv_cache = KVCache(
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim
+        )
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs,
-                            max(config.max_num_batched_tokens,
-                                1 if config.enable_chunked_prefill else max_len),
-                            max_len, config.enable_chunked_prefill),
-            self.block_manager)
+            SchedulerConfig(
+                config.max_num_seqs,
+                max(config.max_num_batched_tokens, 1 if config.enable_chunked_prefill else max_len),
+                max_len,
+                config.enable_chunked_prefill,
+            ),
+            self.block_manager,
+        )
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
@@ -101,9 +125,13 @@ class LLMEngine:
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -117,12 +145,20 @@ class LLMEngine:
         if any(t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is "
-                             f"{self.max_model_len}: it leaves no room to generate")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but max_model_len is "
+                f"{self.max_model_len}: it leaves no room to generate"
+            )
         seq = Sequence(request_id, list(ids), len(ids), params, make_generator(params))
         self.scheduler.add(seq)
-        req = _Request(request_id, text, list(ids), params, seq,
-                       time.perf_counter() if arrival_time is None else arrival_time)
+        req = _Request(
+            request_id,
+            text,
+            list(ids),
+            params,
+            seq,
+            time.perf_counter() if arrival_time is None else arrival_time,
+        )
         req.detoks[seq.seq_id] = self._detokenizer(ids, params)
         self.requests[request_id] = req
         self.stats.prompt_tokens += len(ids)
@@ -158,8 +194,10 @@ class LLMEngine:
         self.last_scheduled = sched  # for teaching views (scheduler timeline) and tests
         if not sched.seqs:
             if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("the scheduler cannot admit the next waiting request even "
-                                   "with an empty batch; this is a bug, please report it")
+                raise RuntimeError(
+                    "the scheduler cannot admit the next waiting request even "
+                    "with an empty batch; this is a bug, please report it"
+                )
             return []
         now = time.perf_counter()
         for seq in sched.seqs:
@@ -178,8 +216,16 @@ class LLMEngine:
                 seqs.append(s)
         touched: dict[str, _Request] = {}
         if seqs:
-            contexts = [SamplingContext(s.params, s.prompt_token_ids, s.output_token_ids,
-                                        s.generator, self.eos_token_ids) for s in seqs]
+            contexts = [
+                SamplingContext(
+                    s.params,
+                    s.prompt_token_ids,
+                    s.output_token_ids,
+                    s.generator,
+                    self.eos_token_ids,
+                )
+                for s in seqs
+            ]
             results = self.sampler.sample(logits[torch.tensor(rows)], contexts)
             now = time.perf_counter()
             for seq, res in zip(seqs, results, strict=True):
@@ -199,8 +245,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ helpers
     def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids,
-                                      skip_special_tokens=params.skip_special_tokens)
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
+        )
 
     def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
         """At a request's first sample with n > 1, split it into n sequences sharing blocks."""
@@ -264,21 +311,27 @@ class LLMEngine:
     def _output(self, req: _Request) -> RequestOutput:
         outs = []
         for seq in sorted(req.seqs, key=lambda s: s.index):
-            outs.append(CompletionOutput(
-                index=seq.index, text=self._visible_text(req, seq),
-                token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason, cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished,
-                             req.metrics)
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=self._visible_text(req, seq),
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                )
+            )
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_ids, outs, req.finished, req.metrics
+        )
 
     def _count_finished(self, *reasons: str | None) -> None:
         reason = next((r for r in reasons if r), "abort")
         self.stats.finished_requests[reason] = self.stats.finished_requests.get(reason, 0) + 1
 
 
-def _find_stop(text: str, old_len: int, stops: list[str],
-               include: bool) -> tuple[str, str | None]:
+def _find_stop(text: str, old_len: int, stops: list[str], include: bool) -> tuple[str, str | None]:
     """Earliest stop string that the new text completes; text cut before (or after) it."""
     best: tuple[int, str] | None = None
     for s in stops:

@@ -39,8 +39,11 @@ class RequestMetrics:
 
     @property
     def queue_time(self) -> float | None:
-        return (None if self.first_scheduled_time is None
-                else self.first_scheduled_time - self.arrival_time)
+        return (
+            None
+            if self.first_scheduled_time is None
+            else self.first_scheduled_time - self.arrival_time
+        )
 
     @property
     def prompt_eval_duration(self) -> float | None:

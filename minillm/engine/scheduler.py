@@ -30,7 +30,8 @@ class SchedulerConfig:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
-                f"({self.max_num_batched_tokens} < {self.max_model_len})")
+                f"({self.max_num_batched_tokens} < {self.max_model_len})"
+            )
 
 
 @dataclass
@@ -53,12 +54,16 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         if seq.num_tokens > self.config.max_model_len:
-            raise ValueError(f"prompt has {seq.num_tokens} tokens, more than max_model_len="
-                             f"{self.config.max_model_len}")
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens, more than max_model_len="
+                f"{self.config.max_model_len}"
+            )
         if self.block_manager.blocks_for(seq.num_tokens + 1) > self.block_manager.num_blocks:
-            raise ValueError(f"prompt of {seq.num_tokens} tokens cannot fit in the KV cache "
-                             f"({self.block_manager.num_blocks} blocks of "
-                             f"{self.block_manager.block_size})")
+            raise ValueError(
+                f"prompt of {seq.num_tokens} tokens cannot fit in the KV cache "
+                f"({self.block_manager.num_blocks} blocks of "
+                f"{self.block_manager.block_size})"
+            )
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -103,8 +108,12 @@ class Scheduler:
             i += 1
 
         # 2) admit waiting sequences (not in a step that had to preempt: memory is tight)
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):
+        while (
+            self.waiting
+            and budget > 0
+            and not out.preempted
+            and len(self.running) < self.config.max_num_seqs
+        ):
             seq = self.waiting[0]
             cached = bm.find_cached_blocks(seq)
             n = seq.num_tokens - len(cached) * bm.block_size

@@ -74,6 +74,13 @@ class Sequence:
 
     def fork(self, index: int, generator: torch.Generator | None) -> Sequence:
         """A sibling with the same tokens so far (its blocks are shared by the block manager)."""
-        return Sequence(self.request_id, list(self.token_ids), self.num_prompt_tokens, self.params,
-                        generator, index, status=self.status,
-                        num_cached_tokens=self.num_cached_tokens)
+        return Sequence(
+            self.request_id,
+            list(self.token_ids),
+            self.num_prompt_tokens,
+            self.params,
+            generator,
+            index,
+            status=self.status,
+            num_cached_tokens=self.num_cached_tokens,
+        )

@@ -30,14 +30,31 @@ from minillm.formats.blocks import BLOCK_LAYOUT, QuantTensor
 
 # GGUF value type id -> (struct format, numpy dtype) of the fixed-size scalars
 _SCALARS: dict[int, tuple[str, str]] = {
-    0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"), 4: ("<I", "<u4"),
-    5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "?"), 10: ("<Q", "<u8"), 11: ("<q", "<i8"),
+    0: ("<B", "<u1"),
+    1: ("<b", "<i1"),
+    2: ("<H", "<u2"),
+    3: ("<h", "<i2"),
+    4: ("<I", "<u4"),
+    5: ("<i", "<i4"),
+    6: ("<f", "<f4"),
+    7: ("<?", "?"),
+    10: ("<Q", "<u8"),
+    11: ("<q", "<i8"),
     12: ("<d", "<f8"),
 }
 _STRING, _ARRAY = 8, 9
 # ggml type ids of the formats we can hold (ggml.h `enum ggml_type`)
-_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K",
-               14: "Q6_K", 30: "BF16"}
+_GGML_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    8: "Q8_0",
+    12: "Q4_K",
+    14: "Q6_K",
+    30: "BF16",
+}
 # ggml I8: plain int8 tensors, kept apart in GGUFFile.int8_tensors (minillm writes per-channel
 # int8 weights this way, with an F32 "<name>.scale" beside each; see formats/int8_rows.py)
 _GGML_I8 = "TYPE_24"
@@ -129,11 +146,18 @@ def _parse_header(buf: mmap.mmap, path: Path) -> GGUFHeader:
             name = cur.string()
             dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
             type_id, offset = cur.scalar("<I"), cur.scalar("<Q")
-            tensors.append(TensorInfo(name, _GGML_TYPES.get(type_id, f"TYPE_{type_id}"),
-                                      tuple(int(d) for d in reversed(dims)), offset))
+            tensors.append(
+                TensorInfo(
+                    name,
+                    _GGML_TYPES.get(type_id, f"TYPE_{type_id}"),
+                    tuple(int(d) for d in reversed(dims)),
+                    offset,
+                )
+            )
     except (struct.error, OverflowError, GGUFError) as e:
-        raise GGUFError(f"{path} is truncated or corrupt ({len(buf)} bytes): the header "
-                        f"could not be read ({e})") from e
+        raise GGUFError(
+            f"{path} is truncated or corrupt ({len(buf)} bytes): the header could not be read ({e})"
+        ) from e
     align = int(metadata.get("general.alignment", 32))
     return GGUFHeader(version, metadata, tensors, -(-cur.pos // align) * align)
 
@@ -173,7 +197,8 @@ class GGUFFile:
             if t.type_name not in BLOCK_LAYOUT:
                 raise GGUFError(
                     f"{self.path}: tensor {t.name} uses ggml type {t.type_name}, which minillm "
-                    f"does not support (supported: {', '.join(BLOCK_LAYOUT)})")
+                    f"does not support (supported: {', '.join(BLOCK_LAYOUT)})"
+                )
             elems, nbytes = BLOCK_LAYOUT[t.type_name]
             rows = math.prod(t.shape[:-1])
             row_bytes = t.shape[-1] // elems * nbytes
@@ -181,7 +206,8 @@ class GGUFFile:
             if start + rows * row_bytes > size:
                 raise GGUFError(
                     f"{self.path} is truncated: tensor {t.name} needs bytes up to "
-                    f"{start + rows * row_bytes}, the file has {size}")
+                    f"{start + rows * row_bytes}, the file has {size}"
+                )
             data = np.frombuffer(self._mmap, np.uint8, rows * row_bytes, start)
             self.tensors[t.name] = QuantTensor(t.type_name, data.reshape(rows, row_bytes), t.shape)
 
@@ -190,4 +216,6 @@ class GGUFFile:
         return str(self.metadata.get("general.architecture", "unknown"))
 
     def __repr__(self) -> str:
-        return f"GGUFFile({str(self.path)!r}, arch={self.architecture}, tensors={len(self.tensors)})"
+        return (
+            f"GGUFFile({str(self.path)!r}, arch={self.architecture}, tensors={len(self.tensors)})"
+        )

@@ -64,7 +64,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write each token's K/V (T, KvH, D) into its slot: slot = block_id * BS + offset."""
@@ -73,8 +76,9 @@ def store_kv(
     v_cache.view(nb * bs, kvh, d)[slot_mapping] = v
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-            scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Grouped-query attention. q (B, Q, H, D), k/v (B, L, KvH, D), mask (B, Q, L) True=keep."""
     b, nq, h, d = q.shape
     kvh = k.shape[2]
@@ -92,8 +96,12 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 
 def attention_prefill(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    context_len: int, scale: float,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
 ) -> torch.Tensor:
     """Causal attention for one sequence's n new tokens, which sit at the END of its context.
 
@@ -109,8 +117,12 @@ def attention_prefill(
 
 
 def attention_decode_paged(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """One new token per sequence attends to its whole context through its block table.
 

@@ -32,10 +32,13 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 16,
-                 enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}"
+            )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
@@ -64,8 +67,11 @@ class BlockManager:
         bs, hashes = self.block_size, seq.block_hashes
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            hashes.append(chain_hash(hashes[-1] if hashes else None,
-                                     tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(
+                chain_hash(
+                    hashes[-1] if hashes else None, tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                )
+            )
         return hashes[:num_full_blocks]
 
     def find_cached_blocks(self, seq: SequenceLike) -> list[int]:
@@ -77,7 +83,7 @@ class BlockManager:
         found = []
         for i, h in enumerate(self._hashes(seq, (len(seq.token_ids) - 1) // bs)):
             b = self.cached.get(h)
-            if b is None or self.block_tokens[b] != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+            if b is None or self.block_tokens[b] != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
                 break  # a miss, or a hash collision caught by the token check
             found.append(b)
         return found
@@ -93,7 +99,8 @@ class BlockManager:
                 self.cached[h] = b
                 self.block_hash[b] = h
                 self.block_tokens[b] = tuple(
-                    seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+                    seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+                )
 
     # ------------------------------------------------------------------ allocation
     def _take_free_block(self) -> int:
@@ -113,15 +120,15 @@ class BlockManager:
             need += 1  # the shared partial block must be copied before we write into it
         return max(need, 0)
 
-    def can_allocate(self, seq: SequenceLike, cached_blocks: list[int],
-                     num_new_tokens: int) -> bool:
+    def can_allocate(
+        self, seq: SequenceLike, cached_blocks: list[int], num_new_tokens: int
+    ) -> bool:
         """Room to admit a waiting sequence: its cache hits plus num_new_tokens new slots."""
         revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
         total = self.blocks_for(len(cached_blocks) * self.block_size + num_new_tokens)
         return total - len(cached_blocks) <= len(self.free) - revived
 
-    def allocate(self, seq: SequenceLike, cached_blocks: list[int],
-                 num_new_tokens: int) -> None:
+    def allocate(self, seq: SequenceLike, cached_blocks: list[int], num_new_tokens: int) -> None:
         """Admit a waiting sequence: take its cached prefix, then slots for num_new_tokens."""
         assert not seq.block_table, "sequence already holds blocks"
         for b in cached_blocks:

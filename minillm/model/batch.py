@@ -15,7 +15,9 @@ import torch
 class PrefillChunk:
     start: int  # first row of this chunk in the flattened batch
     length: int  # new tokens computed now
-    context_len: int  # tokens in the cache once these are stored (cached prefix + earlier chunks + new)
+    context_len: (
+        int  # tokens in the cache once these are stored (cached prefix + earlier chunks + new)
+    )
     block_table: torch.Tensor  # (num_blocks,) int64
 
 

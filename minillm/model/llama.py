@@ -33,12 +33,17 @@ class LlamaModel:
         self.layers = [Layer(lw, ops) for lw in weights.layers]
         self.final_norm = ops.prepare_vector(weights.final_norm)
         self.lm_head = (
-            ops.prepare_linear(weights.lm_head) if weights.lm_head is not None
-            else ops.tied_lm_head(self.embed) if hasattr(ops, "tied_lm_head") else self.embed
+            ops.prepare_linear(weights.lm_head)
+            if weights.lm_head is not None
+            else ops.tied_lm_head(self.embed)
+            if hasattr(ops, "tied_lm_head")
+            else self.embed
         )
         d = config.head_dim
-        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        self.scale = d ** -0.5
+        self.inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        )
+        self.scale = d**-0.5
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (T, D/2) of each token's rotation angles: position * theta^(-2i/D)."""
@@ -46,8 +51,9 @@ class LlamaModel:
         return torch.cos(angles).float(), torch.sin(angles).float()
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Run the new tokens through all layers, writing their K/V; return (S, V) logits."""
         ops, cfg = self.ops, self.config
         t = batch.num_tokens
@@ -71,15 +77,31 @@ class LlamaModel:
         h = ops.rms_norm(x[batch.logits_rows], self.final_norm, cfg.rms_norm_eps)
         return ops.linear(h, self.lm_head)  # (S, V)
 
-    def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                   batch: ForwardBatch) -> torch.Tensor:
+    def _attention(
+        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         ops = self.ops
         parts = []
         if batch.num_decode:
-            parts.append(ops.attention_decode_paged(
-                q[: batch.num_decode], kc, vc, batch.decode_block_tables,
-                batch.decode_context_lens, self.scale))
+            parts.append(
+                ops.attention_decode_paged(
+                    q[: batch.num_decode],
+                    kc,
+                    vc,
+                    batch.decode_block_tables,
+                    batch.decode_context_lens,
+                    self.scale,
+                )
+            )
         for p in batch.prefills:
-            parts.append(ops.attention_prefill(
-                q[p.start : p.start + p.length], kc, vc, p.block_table, p.context_len, self.scale))
+            parts.append(
+                ops.attention_prefill(
+                    q[p.start : p.start + p.length],
+                    kc,
+                    vc,
+                    p.block_table,
+                    p.context_len,
+                    self.scale,
+                )
+            )
         return parts[0] if len(parts) == 1 else torch.cat(parts)

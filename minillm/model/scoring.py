@@ -13,8 +13,9 @@ from minillm.model.batch import ForwardBatch, PrefillChunk
 from minillm.model.llama import LlamaModel
 
 
-def sequence_logits(model: LlamaModel, token_ids: list[int], chunk: int = 256,
-                    block_size: int = 16) -> torch.Tensor:
+def sequence_logits(
+    model: LlamaModel, token_ids: list[int], chunk: int = 256, block_size: int = 16
+) -> torch.Tensor:
     """(len(token_ids), V) logits: row i predicts token i + 1."""
     cfg, n = model.config, len(token_ids)
     if n == 0:
@@ -29,12 +30,15 @@ def sequence_logits(model: LlamaModel, token_ids: list[int], chunk: int = 256,
         end = min(start + chunk, n)
         pos = torch.arange(start, end)
         batch = ForwardBatch(
-            token_ids=torch.tensor(token_ids[start:end], dtype=torch.long), positions=pos,
+            token_ids=torch.tensor(token_ids[start:end], dtype=torch.long),
+            positions=pos,
             slot_mapping=pos,  # block i holds positions [i*bs, (i+1)*bs): slot == position
-            num_decode=0, decode_block_tables=torch.zeros(0, 0, dtype=torch.long),
+            num_decode=0,
+            decode_block_tables=torch.zeros(0, 0, dtype=torch.long),
             decode_context_lens=torch.zeros(0, dtype=torch.long),
             prefills=[PrefillChunk(0, end - start, end, table)],
-            logits_rows=torch.arange(end - start))
+            logits_rows=torch.arange(end - start),
+        )
         out.append(model.forward(batch, kv.k, kv.v))
     return torch.cat(out)
 

@@ -82,20 +82,22 @@ def load_gguf_weights(gguf: GGUFFile, config: ModelConfig) -> ModelWeights:
     layers = []
     for i in range(config.num_layers):
         p = f"blk.{i}."
-        layers.append(LayerWeights(
-            attn_norm=get(p + "attn_norm.weight"),
-            wq=qk(p + "attn_q.weight", config.num_heads),
-            wk=qk(p + "attn_k.weight", config.num_kv_heads),
-            wv=get(p + "attn_v.weight"),
-            wo=get(p + "attn_output.weight"),
-            ffn_norm=get(p + "ffn_norm.weight"),
-            w_gate=get(p + "ffn_gate.weight"),
-            w_up=get(p + "ffn_up.weight"),
-            w_down=get(p + "ffn_down.weight"),
-            bq=t.get(p + "attn_q.bias"),
-            bk=t.get(p + "attn_k.bias"),
-            bv=t.get(p + "attn_v.bias"),
-        ))
+        layers.append(
+            LayerWeights(
+                attn_norm=get(p + "attn_norm.weight"),
+                wq=qk(p + "attn_q.weight", config.num_heads),
+                wk=qk(p + "attn_k.weight", config.num_kv_heads),
+                wv=get(p + "attn_v.weight"),
+                wo=get(p + "attn_output.weight"),
+                ffn_norm=get(p + "ffn_norm.weight"),
+                w_gate=get(p + "ffn_gate.weight"),
+                w_up=get(p + "ffn_up.weight"),
+                w_down=get(p + "ffn_down.weight"),
+                bq=t.get(p + "attn_q.bias"),
+                bk=t.get(p + "attn_k.bias"),
+                bv=t.get(p + "attn_v.bias"),
+            )
+        )
     return ModelWeights(
         embed=get("token_embd.weight"),
         layers=layers,
@@ -142,14 +144,21 @@ def load_hf_weights(folder: Path, config: ModelConfig) -> ModelWeights:
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        layers.append(LayerWeights(
-            attn_norm=get(p + "input_layernorm.weight"),
-            wq=get(a + "q_proj.weight"), wk=get(a + "k_proj.weight"),
-            wv=get(a + "v_proj.weight"), wo=get(a + "o_proj.weight"),
-            ffn_norm=get(p + "post_attention_layernorm.weight"),
-            w_gate=get(m + "gate_proj.weight"), w_up=get(m + "up_proj.weight"),
-            w_down=get(m + "down_proj.weight"),
-            bq=t.get(a + "q_proj.bias"), bk=t.get(a + "k_proj.bias"), bv=t.get(a + "v_proj.bias"),
-        ))
+        layers.append(
+            LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"),
+                wq=get(a + "q_proj.weight"),
+                wk=get(a + "k_proj.weight"),
+                wv=get(a + "v_proj.weight"),
+                wo=get(a + "o_proj.weight"),
+                ffn_norm=get(p + "post_attention_layernorm.weight"),
+                w_gate=get(m + "gate_proj.weight"),
+                w_up=get(m + "up_proj.weight"),
+                w_down=get(m + "down_proj.weight"),
+                bq=t.get(a + "q_proj.bias"),
+                bk=t.get(a + "k_proj.bias"),
+                bv=t.get(a + "v_proj.bias"),
+            )
+        )
     lm_head = None if config.tie_word_embeddings else get("lm_head.weight")
     return ModelWeights(get("model.embed_tokens.weight"), layers, get("model.norm.weight"), lm_head)
