@@ -21,7 +21,12 @@ from collections.abc import Iterator
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
-from minillm.ui.chat import CHAT_API_NAME, DEFAULT_SYSTEM_PROMPT, history_to_messages
+from minillm.ui.chat import (
+    CHAT_API_NAME,
+    DEFAULT_SYSTEM_PROMPT,
+    history_to_messages,
+    message_row,
+)
 
 # Before Gradio is imported: no usage reports leave the machine.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -189,17 +194,7 @@ def build_demo(
             )
             refresh_btn = gr.Button("List models", scale=1)
         chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot")
-        with gr.Row():
-            textbox = gr.Textbox(
-                show_label=False,
-                placeholder="Type a message and press Enter",
-                scale=6,
-                autofocus=True,
-                elem_id="message",
-            )
-            send = gr.Button("Send", variant="primary", scale=1, min_width=80)
-            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
-            clear = gr.Button("Clear", scale=1, min_width=80)
+        textbox, send, stop, clear = message_row()
         with gr.Accordion("Generation settings", open=False):
             system = gr.Textbox(label="System prompt", value=DEFAULT_SYSTEM_PROMPT, lines=2)
             with gr.Row():

@@ -197,6 +197,25 @@ def _stream_answer(
 # ---- the Gradio app ---------------------------------------------------------------------------
 
 
+def message_row() -> tuple[Any, Any, Any, Any]:
+    """The message box with its Send / Stop / Clear buttons, shared by the chat labs (call it
+    inside a ``gr.Blocks``); the elem_ids are what the browser tests look for."""
+    import gradio as gr
+
+    with gr.Row():
+        textbox = gr.Textbox(
+            show_label=False,
+            placeholder="Type a message and press Enter",
+            scale=6,
+            autofocus=True,
+            elem_id="message",
+        )
+        send = gr.Button("Send", variant="primary", scale=1, min_width=80)
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
+        clear = gr.Button("Clear", scale=1, min_width=80)
+    return textbox, send, stop, clear
+
+
 def build_chat_app(
     llm: LLM | LazyLLM | Callable[[], LLM],
     title: str = "minillm chat",
@@ -259,17 +278,7 @@ def build_chat_app(
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}" + (f"\n{description}" if description else ""))
         chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot", feedback_options=None)
-        with gr.Row():
-            textbox = gr.Textbox(
-                show_label=False,
-                placeholder="Type a message and press Enter",
-                scale=6,
-                autofocus=True,
-                elem_id="message",
-            )
-            send = gr.Button("Send", variant="primary", scale=1, min_width=80)
-            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
-            clear = gr.Button("Clear", scale=1, min_width=80)
+        textbox, send, stop, clear = message_row()
         with gr.Accordion("Generation settings", open=True):
             system = gr.Textbox(
                 label="System prompt", value=system_prompt, lines=2, elem_id="system-prompt"
