@@ -159,6 +159,7 @@ def table(results: dict[str, list[BenchReport]]) -> str:
                     server,
                     s["concurrency"],
                     s["completed"],
+                    f"{s['output_throughput'] / max(s['request_throughput'], 1e-9):.1f}",
                     f"{s['output_throughput']:.2f}",
                     f"{s['output_throughput'] / base:.2f}x",
                     f"{s['request_throughput']:.3f}",
@@ -172,6 +173,7 @@ def table(results: dict[str, list[BenchReport]]) -> str:
         "server",
         "concurrency",
         "requests",
+        "tokens/request",
         "output tok/s",
         "vs c=1",
         "req/s",
@@ -253,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(target >= 4x: {verdict}). At c=1 each decode step carries one sequence; at "
             f"c={c_hi} the same weights are read once per step for {c_hi} sequences, so throughput "
             "grows while each client's TPOT grows much less than c-fold. TTFT P99 grows with "
-            "concurrency because new prompts wait for, and then share, steps with running ones.",
+            "concurrency because new prompts wait for, and then share, steps with running ones. "
+            "On a CPU a decode step's cost grows with the sequences in it (the `cpu` backend is "
+            "compute-bound beyond a few), so the gain from batching is smaller than on a GPU.",
+            "",
+            f"tokens/request below {args.max_tokens} means the server ended answers early (it "
+            "did not honour `ignore_eos`/`max_tokens`, or cut streams): its tok/s then counts "
+            "less work and is not comparable.",
         ]
     )
     print("\n" + md)
