@@ -30,13 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
 from minillm.compress.calibration import Activations, capture_activations
+from minillm.compress.fp32 import as_fp32 as _q
+from minillm.compress.fp32 import as_torch as _t
 from minillm.compress.quantize import fake_quantize_int4
 from minillm.config import ModelConfig
-from minillm.formats.blocks import QuantTensor, quantize
 from minillm.model.weights import ModelWeights
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
@@ -103,14 +103,6 @@ def search_scale(
         if err < best[2]:
             best = (alpha, s, err)
     return best[0], best[1], best[2], rtn_error
-
-
-def _t(q: QuantTensor) -> torch.Tensor:
-    return torch.from_numpy(np.array(q.dequantize(), dtype=np.float32))
-
-
-def _q(t: torch.Tensor) -> QuantTensor:
-    return quantize(np.ascontiguousarray(t.numpy(), dtype=np.float32), "F32")
 
 
 def awq_scale_model(

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from minillm.compress.calibration import Activations
+from minillm.compress.fp32 import as_fp32 as _q
+from minillm.compress.fp32 import as_torch as _t
 from minillm.config import ModelConfig
-from minillm.formats.blocks import QuantTensor, quantize
+from minillm.formats.blocks import QuantTensor
 from minillm.model.weights import LayerWeights, ModelWeights
 
 # linear field -> which calibration input it reads (see calibration.INPUT_KINDS)
@@ -99,14 +100,6 @@ def prune_matrix(
     else:
         keep = magnitude_mask(w, sparsity)
     return torch.where(keep, w, torch.zeros_like(w))
-
-
-def _t(q: QuantTensor) -> torch.Tensor:
-    return torch.from_numpy(np.array(q.dequantize(), dtype=np.float32))
-
-
-def _q(t: torch.Tensor) -> QuantTensor:
-    return quantize(np.ascontiguousarray(t.numpy(), dtype=np.float32), "F32")
 
 
 def prune_model(

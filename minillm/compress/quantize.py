@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
+from minillm.compress.fp32 import as_fp32 as _fp32
 from minillm.compress.methods import CLI_METHODS, EXPERIMENT_METHODS
 from minillm.config import ModelConfig
 from minillm.formats.blocks import BLOCK_LAYOUT, QuantTensor, quantize
@@ -178,11 +178,6 @@ def _map_linears(weights: ModelWeights, fn) -> ModelWeights:  # noqa: ANN001 - Q
         replace(lw, **{f: fn(getattr(lw, f)) for f in LINEAR_FIELDS}) for lw in weights.layers
     ]
     return ModelWeights(weights.embed, layers, weights.final_norm, weights.lm_head)
-
-
-def _fp32(values: torch.Tensor | np.ndarray) -> QuantTensor:
-    arr = values.numpy() if isinstance(values, torch.Tensor) else values
-    return quantize(np.ascontiguousarray(arr, dtype=np.float32), "F32")
 
 
 def _storage_embeddings(weights: ModelWeights) -> ModelWeights:
