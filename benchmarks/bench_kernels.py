@@ -131,6 +131,19 @@ def minillm_batched(llm, prompts: list[list[int]], n: int) -> float:  # noqa: AN
 
 
 # ----------------------------------------------------------------------------- peers
+def _rates(generate_seconds: Callable[[list[int], int], float]) -> tuple[Callable, Callable]:
+    """(prefill tok/s, decode tok/s) of a peer timed by whole generate calls: prefill is one
+    generated token; decode is what n + 1 tokens take beyond that."""
+
+    def prefill(ids: list[int]) -> float:
+        return len(ids) / generate_seconds(ids, 1)
+
+    def decode(ids: list[int], n: int) -> float:
+        return n / (generate_seconds(ids, n + 1) - generate_seconds(ids, 1))
+
+    return prefill, decode
+
+
 def hf_engine(gguf: Path) -> tuple[Callable, Callable]:
     """HF transformers on the same GGUF (dequantized to fp32): (prefill fn, decode fn)."""
     import torch
@@ -151,13 +164,7 @@ def hf_engine(gguf: Path) -> tuple[Callable, Callable]:
                            pad_token_id=0)  # fmt: skip
         return time.perf_counter() - t0
 
-    def prefill(ids: list[int]) -> float:
-        return len(ids) / generate_seconds(ids, 1)
-
-    def decode(ids: list[int], n: int) -> float:
-        return n / (generate_seconds(ids, n + 1) - generate_seconds(ids, 1))
-
-    return prefill, decode
+    return _rates(generate_seconds)
 
 
 def llama_cpp_engine(gguf: Path, threads: int) -> tuple[Callable, Callable] | None:
@@ -176,13 +183,7 @@ def llama_cpp_engine(gguf: Path, threads: int) -> tuple[Callable, Callable] | No
         llm.create_completion(ids, max_tokens=n, temperature=0.0, logit_bias=no_eos)
         return time.perf_counter() - t0
 
-    def prefill(ids: list[int]) -> float:
-        return len(ids) / generate_seconds(ids, 1)
-
-    def decode(ids: list[int], n: int) -> float:
-        return n / (generate_seconds(ids, n + 1) - generate_seconds(ids, 1))
-
-    return prefill, decode
+    return _rates(generate_seconds)
 
 
 # ----------------------------------------------------------------------------- compile time
