@@ -23,7 +23,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from minillm.kernels.cpu_numerics import FASTMATH, as_float, lanes32, lanes_sum, widen
+from minillm.kernels.cpu_numerics import (
+    FASTMATH,
+    as_float,
+    int8_to_float,
+    lanes32,
+    lanes_sum,
+    nibble_hi,
+    nibble_hi16,
+    nibble_lo,
+    widen,
+)
 
 FUSED_MAX_T = 8  # up to this many tokens the fused loop wins; beyond, decoding once does
 _CHUNK = 16  # rows per thread work item: small enough to balance threads, big enough to reuse
@@ -52,45 +62,77 @@ def _q4_prepare_x(x, offset_mult):  # noqa: ANN001, ANN202
     return xs, x_sum
 
 
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _q4_offsets(offset, x_sum, n, t):  # noqa: ANN001, ANN202
+    """sum over blocks of offset[n, b] * x_sum[t, b]: a separate short loop that vectorizes,
+    instead of one more dependent scalar multiply-add per block in the main loop."""
+    acc = np.float32(0)
+    for b in range(offset.shape[1]):
+        acc += as_float(offset[n, b]) * x_sum[t, b]
+    return acc
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _q4_dot(xs, x_sum, codes, scale, offset, n, t):  # noqa: ANN001, ANN202
+    """Row n of W times token t of x, alone (the unpaired leftovers of q4_fused)."""
+    acc = lanes32()
+    for b in range(scale.shape[1]):
+        d = as_float(scale[n, b])
+        for j in range(16):
+            q = codes[n, b * 16 + j]
+            acc[j] += d * (xs[t, b * 32 + j] * nibble_lo(q))
+            acc[16 + j] += d * (xs[t, b * 32 + 16 + j] * nibble_hi16(q))
+    return lanes_sum(acc) + _q4_offsets(offset, x_sum, n, t)
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q4_fused(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """x (T, K) float32; codes (N, K/2) uint8; scale/offset (N, K/32); out (T, N) float32."""
+    """x (T, K) float32; codes (N, K/2) uint8; scale/offset (N, K/32); out (T, N) float32.
+
+    Each (row, token) pair has two accumulator chains, and a fused multiply-add waits ~4
+    cycles for the previous one; so the loop always works on two pairs at once (two rows of
+    one token for decode, two tokens of one row otherwise) to keep the FMA units busy.
+    """
     t_rows = x.shape[0]
     n_rows, nb = scale.shape
     xs, x_sum = _q4_prepare_x(x, np.float32(offset_mult))
     for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
         n0, n1 = c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK)
-        for t in range(0, t_rows - 1, 2):  # two tokens share each unpacked block
-            for n in range(n0, n1):
+        if t_rows == 1:  # single-stream decode: two rows share each x load
+            for n in range(n0, n1 - 1, 2):
                 a0, a1 = lanes32(), lanes32()
-                off0 = off1 = np.float32(0)
                 for b in range(nb):
-                    d = as_float(scale[n, b])
+                    d0, d1 = as_float(scale[n, b]), as_float(scale[n + 1, b])
                     for j in range(16):
-                        q = np.int32(codes[n, b * 16 + j])
-                        lo, hi = np.float32(q & 0x0F), np.float32(q & 0xF0)
-                        a0[j] += d * (xs[t, b * 32 + j] * lo)
-                        a0[16 + j] += d * (xs[t, b * 32 + 16 + j] * hi)
-                        a1[j] += d * (xs[t + 1, b * 32 + j] * lo)
-                        a1[16 + j] += d * (xs[t + 1, b * 32 + 16 + j] * hi)
-                    o = as_float(offset[n, b])
-                    off0 += o * x_sum[t, b]
-                    off1 += o * x_sum[t + 1, b]
-                out[t, n] = lanes_sum(a0) + off0
-                out[t + 1, n] = lanes_sum(a1) + off1
-        if t_rows % 2:  # the last token alone (all of single-stream decode)
-            t = t_rows - 1
+                        q0, q1 = codes[n, b * 16 + j], codes[n + 1, b * 16 + j]
+                        x_lo, x_hi = xs[0, b * 32 + j], xs[0, b * 32 + 16 + j]
+                        a0[j] += d0 * (x_lo * nibble_lo(q0))
+                        a0[16 + j] += d0 * (x_hi * nibble_hi16(q0))
+                        a1[j] += d1 * (x_lo * nibble_lo(q1))
+                        a1[16 + j] += d1 * (x_hi * nibble_hi16(q1))
+                out[0, n] = lanes_sum(a0) + _q4_offsets(offset, x_sum, n, 0)
+                out[0, n + 1] = lanes_sum(a1) + _q4_offsets(offset, x_sum, n + 1, 0)
+        else:  # two tokens share each unpacked block
+            for t in range(0, t_rows - 1, 2):
+                for n in range(n0, n1):
+                    a0, a1 = lanes32(), lanes32()
+                    for b in range(nb):
+                        d = as_float(scale[n, b])
+                        for j in range(16):
+                            q = codes[n, b * 16 + j]
+                            lo, hi = nibble_lo(q), nibble_hi16(q)
+                            a0[j] += d * (xs[t, b * 32 + j] * lo)
+                            a0[16 + j] += d * (xs[t, b * 32 + 16 + j] * hi)
+                            a1[j] += d * (xs[t + 1, b * 32 + j] * lo)
+                            a1[16 + j] += d * (xs[t + 1, b * 32 + 16 + j] * hi)
+                    out[t, n] = lanes_sum(a0) + _q4_offsets(offset, x_sum, n, t)
+                    out[t + 1, n] = lanes_sum(a1) + _q4_offsets(offset, x_sum, n, t + 1)
+        # what the pairs left over: the last row of an odd chunk (T = 1), the last token (odd T)
+        if t_rows == 1 and (n1 - n0) % 2:
+            out[0, n1 - 1] = _q4_dot(xs, x_sum, codes, scale, offset, n1 - 1, 0)
+        if t_rows > 1 and t_rows % 2:
             for n in range(n0, n1):
-                a0 = lanes32()
-                off0 = np.float32(0)
-                for b in range(nb):
-                    d = as_float(scale[n, b])
-                    for j in range(16):
-                        q = np.int32(codes[n, b * 16 + j])
-                        a0[j] += d * (xs[t, b * 32 + j] * np.float32(q & 0x0F))
-                        a0[16 + j] += d * (xs[t, b * 32 + 16 + j] * np.float32(q & 0xF0))
-                    off0 += as_float(offset[n, b]) * x_sum[t, b]
-                out[t, n] = lanes_sum(a0) + off0
+                out[t_rows - 1, n] = _q4_dot(xs, x_sum, codes, scale, offset, n, t_rows - 1)
 
 
 # ----------------------------------------------------------------------------- fused: q8
@@ -107,7 +149,7 @@ def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
                 for b in range(nb):
                     d = as_float(scale[n, b])
                     for j in range(32):
-                        q = np.float32(codes[n, b * 32 + j])
+                        q = int8_to_float(codes[n, b * 32 + j])
                         a0[j] += d * (x[t, b * 32 + j] * q)
                         a1[j] += d * (x[t + 1, b * 32 + j] * q)
                 out[t, n] = lanes_sum(a0)
@@ -119,7 +161,7 @@ def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
                 for b in range(nb):
                     d = as_float(scale[n, b])
                     for j in range(32):
-                        a0[j] += d * (x[t, b * 32 + j] * np.float32(codes[n, b * 32 + j]))
+                        a0[j] += d * (x[t, b * 32 + j] * int8_to_float(codes[n, b * 32 + j]))
                 out[t, n] = lanes_sum(a0)
 
 
@@ -132,8 +174,10 @@ def q8_16_matvec(x, codes, scale, out):  # noqa: ANN001, ANN201
         for c in range(nb // 2):
             d_lo, d_hi = as_float(scale[n, 2 * c]), as_float(scale[n, 2 * c + 1])
             for j in range(16):
-                acc[j] += d_lo * (x[c * 32 + j] * np.float32(codes[n, c * 32 + j]))
-                acc[16 + j] += d_hi * (x[c * 32 + 16 + j] * np.float32(codes[n, c * 32 + 16 + j]))
+                acc[j] += d_lo * (x[c * 32 + j] * int8_to_float(codes[n, c * 32 + j]))
+                acc[16 + j] += d_hi * (
+                    x[c * 32 + 16 + j] * int8_to_float(codes[n, c * 32 + 16 + j])
+                )
         out[n] = lanes_sum(acc)
 
 
@@ -155,9 +199,9 @@ def _q4_row(codes, scale, offset, offset_mult, n, dst):  # noqa: ANN001, ANN202
         d = as_float(scale[n, b])
         o = offset_mult * as_float(offset[n, b])
         for j in range(16):
-            q = np.int32(codes[n, b * 16 + j])
-            dst[b * 32 + j] = d * np.float32(q & 0x0F) + o
-            dst[b * 32 + 16 + j] = d * np.float32(q >> 4) + o
+            q = codes[n, b * 16 + j]
+            dst[b * 32 + j] = d * nibble_lo(q) + o
+            dst[b * 32 + 16 + j] = d * nibble_hi(q) + o
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -165,7 +209,7 @@ def _q8_row(codes, scale, block, n, dst):  # noqa: ANN001, ANN202
     for b in range(scale.shape[1]):
         d = as_float(scale[n, b])
         for j in range(block):
-            dst[b * block + j] = d * np.float32(codes[n, b * block + j])
+            dst[b * block + j] = d * int8_to_float(codes[n, b * block + j])
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
