@@ -362,6 +362,66 @@ def test_tiny_hf_model_greedy_tokens_equal_ref(tmp_path, arch: str) -> None:  # 
     assert _greedy_tokens(str(folder), "cpu", 16) == _greedy_tokens(str(folder), "ref", 16)
 
 
+def _decode_both_ways(model_path: str) -> tuple:
+    """Three sequences prefilled into shuffled blocks, then one decode step of all three run
+    twice from the same cache: op by op, and fused (one compiled call per layer)."""
+    from minillm.kv.cache import KVCache
+    from minillm.loader import load_model
+    from minillm.model.batch import ForwardBatch, PrefillChunk
+
+    m = load_model(model_path, "cpu")
+    cfg, bs = m.config, 4
+    cache = KVCache(cfg.num_layers, 12, bs, cfg.num_kv_heads, cfg.head_dim)
+    tables = torch.tensor([[5, 1, 9, 0], [2, 7, 3, 11], [4, 10, 6, 8]])
+    lengths, tokens = [9, 13, 3], []
+    for row, n in enumerate(lengths):
+        ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(row))
+        slots = tables[row][torch.arange(n) // bs] * bs + torch.arange(n) % bs
+        none = torch.zeros(0, dtype=torch.long)
+        chunk = PrefillChunk(0, n, n, tables[row])
+        batch = ForwardBatch(ids, torch.arange(n), slots, 0, none.reshape(0, 0), none, [chunk],
+                             torch.tensor([n - 1]))  # fmt: skip
+        tokens.append(int(m.model.forward(batch, cache.k, cache.v)[0].argmax()))
+    n = torch.tensor(lengths)
+    decode = ForwardBatch(
+        torch.tensor(tokens), n, tables[torch.arange(3), n // bs] * bs + n % bs, 3, tables,
+        n + 1, [], torch.arange(3),
+    )  # fmt: skip
+    results = []
+    for fused in (False, True):
+        k, v = [c.clone() for c in cache.k], [c.clone() for c in cache.v]
+        m.model.fused_decode = fused
+        results.append((m.model.forward(decode, k, v), k, v))
+    return results
+
+
+@pytest.mark.parametrize("which", ["bundled", "tiny-qwen2"])
+def test_fused_decode_equals_op_by_op(which: str, bundled_gguf_path, tmp_path) -> None:  # noqa: ANN001
+    """The fused layer runs the same kernels in the same order: logits and the K/V it writes
+    are bit-for-bit the op-by-op ones (bundled: Q4_1 + Q8_0; qwen2: F32 with q/k/v biases)."""
+    from minillm.testing import make_tiny_model
+
+    path = bundled_gguf_path if which == "bundled" else make_tiny_model(tmp_path, arch="qwen2")
+    (want, want_k, want_v), (got, got_k, got_v) = _decode_both_ways(str(path))
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_k + got_v, want_k + want_v, strict=True))
+
+
+def test_decoder_layers_rejects_a_batch_with_prefills(tmp_path) -> None:  # noqa: ANN001
+    from minillm.loader import load_model
+    from minillm.model.batch import ForwardBatch, PrefillChunk
+    from minillm.testing import make_tiny_model
+
+    m = load_model(str(make_tiny_model(tmp_path)), "cpu")
+    none = torch.zeros(0, dtype=torch.long)
+    batch = ForwardBatch(torch.tensor([1, 2]), torch.arange(2), torch.arange(2), 0,
+                         none.reshape(0, 0), none, [PrefillChunk(0, 2, 2, torch.tensor([0]))],
+                         torch.tensor([1]))  # fmt: skip
+    x = torch.zeros(2, m.config.hidden_size)
+    with pytest.raises(ValueError, match="decode-only"):
+        cpu.decoder_layers(x, m.model.layers, [], [], batch, x, x, 1e-5, 1, 1.0)
+
+
 def test_engine_chunked_prefill_and_prefix_cache_match_ref(tmp_path, one_thread) -> None:  # noqa: ANN001
     """Prefill chunks that end mid-context and prompts that reuse cached blocks, as ref does."""
     from minillm import LLM, SamplingParams

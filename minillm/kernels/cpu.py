@@ -20,15 +20,21 @@ Compilation: kernels compile on first use and are cached on disk (``cache=True``
 
 from __future__ import annotations
 
+import weakref
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from numba import njit, prange
 
 from minillm.formats.blocks import QuantTensor
 from minillm.kernels import cpu_linear as _lin
 from minillm.kernels.cpu_attention import paged_decode, paged_prefill, store_kv_slots
-from minillm.kernels.cpu_numerics import FASTMATH
+from minillm.kernels.cpu_layer import decode_layer
 from minillm.kernels.cpu_packing import PackedWeight, pack_weight
+from minillm.kernels.cpu_pointwise import rms_norm_rows, rope_heads, silu_mul_rows
+
+if TYPE_CHECKING:  # the model layer sits above the kernels: a type-only import
+    from minillm.model.batch import ForwardBatch
 
 name = "cpu"
 
@@ -88,24 +94,6 @@ def tied_lm_head(embed: PackedWeight) -> PackedWeight:
 
 
 # ----------------------------------------------------------------------------- matmul
-def _run_matmul(x: np.ndarray, w: PackedWeight, out: np.ndarray) -> None:
-    """Few tokens (decode): the fused loops. Many (prefill): decode weight tiles once."""
-    fused = x.shape[0] <= _lin.FUSED_MAX_T
-    if w.kind == "q4":
-        kernel = _lin.q4_fused if fused else _lin.q4_tiled
-        kernel(x, w.codes, w.scale, w.offset, w.offset_mult, out)
-    elif w.kind == "q8" and w.block == 32 and fused:
-        _lin.q8_fused(x, w.codes, w.scale, out)
-    elif w.kind == "q8" and x.shape[0] == 1:
-        _lin.q8_16_matvec(x[0], w.codes, w.scale, out[0])
-    elif w.kind == "q8":
-        _lin.q8_tiled(x, w.codes, w.scale, w.block, out)
-    elif x.shape[0] == 1:
-        _lin.float_matvec(x[0], w.codes, w.is_bf16, out[0])
-    else:
-        _lin.float_tiled(x, w.codes, w.is_bf16, out)
-
-
 def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ W (out, in).T [+ bias] -> (..., out), computed on the packed blocks."""
     w = _packed(w, "w")
@@ -117,8 +105,7 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
         )
     x2 = xa if xa.ndim == 2 else xa.reshape(-1, w.cols)  # (T, in): the model's case
     out = np.empty((x2.shape[0], w.rows), dtype=np.float32)
-    if x2.shape[0]:
-        _run_matmul(x2, w, out)
+    _lin.packed_matmul(x2, *w.kernel_args, out)
     if bias is not None:
         out += _array(bias, "bias")
     return torch.from_numpy(out if xa.ndim == 2 else out.reshape(*xa.shape[:-1], w.rows))
@@ -143,38 +130,6 @@ def embedding(ids: torch.Tensor, table: PackedWeight) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- elementwise
-@njit(fastmath=FASTMATH, cache=True)
-def _rms_norm(x, weight, eps, out):  # noqa: ANN001, ANN202
-    t_rows, d = x.shape
-    for t in range(t_rows):
-        ss = np.float32(0)
-        for i in range(d):
-            ss += x[t, i] * x[t, i]
-        inv = np.float32(1) / np.sqrt(ss / np.float32(d) + np.float32(eps))
-        for i in range(d):
-            out[t, i] = x[t, i] * inv * weight[i]
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _rope(x, cos, sin, out):  # noqa: ANN001, ANN202
-    t_rows, h_count, d = x.shape
-    half = d // 2
-    for t in range(t_rows):
-        for h in range(h_count):
-            for i in range(half):
-                x1, x2, c, s = x[t, h, i], x[t, h, half + i], cos[t, i], sin[t, i]
-                out[t, h, i] = x1 * c - x2 * s
-                out[t, h, half + i] = x2 * c + x1 * s
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _silu_mul(gate, up, out):  # noqa: ANN001, ANN202
-    for t in prange(gate.shape[0]):  # exp is scalar here, so long prefills use both threads
-        for i in range(gate.shape[1]):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1) + np.exp(-g)) * up[t, i]
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, over the last dim."""
     xa = _array(x, "x")
@@ -183,7 +138,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rms_norm: x {tuple(xa.shape)} and weight {tuple(wa.shape)} disagree")
     x2 = xa.reshape(-1, wa.shape[0])
     out = np.empty_like(x2)
-    _rms_norm(x2, wa, float(eps), out)
+    rms_norm_rows(x2, wa, float(eps), out)
     return torch.from_numpy(out.reshape(xa.shape))
 
 
@@ -201,7 +156,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             f"{tuple(xa.shape)}, {tuple(ca.shape)}, {tuple(sa.shape)}"
         )
     out = np.empty_like(xa)
-    _rope(xa, ca, sa, out)
+    rope_heads(xa, ca, sa, out)
     return torch.from_numpy(out)
 
 
@@ -211,7 +166,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if ga.shape != ua.shape or ga.ndim == 0:
         raise ValueError(f"silu_mul: gate {tuple(ga.shape)} and up {tuple(ua.shape)} differ")
     out = np.empty_like(ga)
-    _silu_mul(
+    silu_mul_rows(
         ga.reshape(-1, ga.shape[-1]), ua.reshape(-1, ga.shape[-1]), out.reshape(-1, ga.shape[-1])
     )
     return torch.from_numpy(out)
@@ -292,3 +247,68 @@ def attention_prefill(
     out = np.empty_like(qa)
     paged_prefill(qa, kc, vc, table, context_len, float(scale), out)
     return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- fused decode
+_NO_BIAS = np.zeros(0, dtype=np.float32)
+_layer_arrays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _arrays_of(layer: object) -> tuple:
+    """A layer's norms, packed weights and biases as the fused kernel takes them (built once)."""
+    cached = _layer_arrays.get(layer)
+    if cached is None:
+
+        def vector(t: torch.Tensor | None, what: str) -> np.ndarray:
+            return _NO_BIAS if t is None else _array(t, what).reshape(-1)
+
+        weights = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+        cached = (
+            vector(layer.attn_norm, "attn_norm"),
+            vector(layer.ffn_norm, "ffn_norm"),
+            *(_packed(getattr(layer, n), n).kernel_args for n in weights),
+            *(vector(getattr(layer, n), n) for n in ("bq", "bk", "bv")),
+        )
+        _layer_arrays[layer] = cached
+    return cached
+
+
+def decoder_layers(
+    x: torch.Tensor,
+    layers: list,
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    batch: ForwardBatch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """All layers of a decode-only batch, one compiled call per layer (see ``cpu_layer``).
+
+    ``layers``: objects with the model's per-layer attributes (attn_norm, ffn_norm, wq, wk, wv,
+    wo, w_gate, w_up, w_down from this backend's prepare_*; bq, bk, bv or None). x (B, d) is
+    updated in place and returned; the result equals running the ops one by one."""
+    if batch.prefills or batch.num_decode != batch.num_tokens:
+        raise ValueError("decoder_layers runs decode-only batches; prefill chunks go op by op")
+    xa = _array(x, "x")
+    if xa.ndim != 2:
+        raise ValueError(f"decoder_layers: x must be (B, d), got shape {tuple(xa.shape)}")
+    slots = _array(batch.slot_mapping, "slot_mapping", np.int64).reshape(-1)
+    tables = _array(batch.decode_block_tables, "block_tables", np.int64)
+    lens = _array(batch.decode_context_lens, "context_lens", np.int64).reshape(-1)
+    ca, sa = _array(cos, "cos"), _array(sin, "sin")
+    b = xa.shape[0]
+    if slots.shape[0] != b or lens.shape[0] != b or tables.ndim != 2 or tables.shape[0] != b:
+        raise ValueError(
+            f"decoder_layers: slot_mapping {tuple(slots.shape)}, block_tables "
+            f"{tuple(tables.shape)} and context_lens {tuple(lens.shape)} must have B={b} rows"
+        )
+    for i, (layer, kc, vc) in enumerate(zip(layers, k_caches, v_caches, strict=True)):
+        kca, vca = _cache_array(kc, f"k_caches[{i}]"), _cache_array(vc, f"v_caches[{i}]")
+        decode_layer(
+            xa, *_arrays_of(layer), kca, vca, slots, tables, lens, ca, sa,
+            float(eps), float(scale), int(num_heads),
+        )  # fmt: skip
+    return torch.from_numpy(xa)  # x itself when it was a contiguous float32 tensor

@@ -21,7 +21,8 @@ double precision and gives up vectorizing.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from minillm.kernels.cpu_numerics import (
     FASTMATH,
@@ -136,33 +137,53 @@ def q4_fused(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
 
 
 # ----------------------------------------------------------------------------- fused: q8
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _q8_dot(x, codes, scale, n, t):  # noqa: ANN001, ANN202
+    """Row n of a Q8_0 matrix times token t of x, alone (the unpaired leftovers)."""
+    acc = lanes32()
+    for b in range(scale.shape[1]):
+        d = as_float(scale[n, b])
+        for j in range(32):
+            acc[j] += d * (x[t, b * 32 + j] * int8_to_float(codes[n, b * 32 + j]))
+    return lanes_sum(acc)
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
-    """x (T, K); codes (N, K) int8; scale (N, K/32) (Q8_0); out (T, N)."""
+    """x (T, K); codes (N, K) int8; scale (N, K/32) (Q8_0); out (T, N).
+    Pairs of (row, token) per pass, as in q4_fused: two rows for T = 1, two tokens otherwise."""
     t_rows = x.shape[0]
     n_rows, nb = scale.shape
     for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
         n0, n1 = c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK)
-        for t in range(0, t_rows - 1, 2):
-            for n in range(n0, n1):
+        if t_rows == 1:
+            for n in range(n0, n1 - 1, 2):
                 a0, a1 = lanes32(), lanes32()
                 for b in range(nb):
-                    d = as_float(scale[n, b])
+                    d0, d1 = as_float(scale[n, b]), as_float(scale[n + 1, b])
                     for j in range(32):
-                        q = int8_to_float(codes[n, b * 32 + j])
-                        a0[j] += d * (x[t, b * 32 + j] * q)
-                        a1[j] += d * (x[t + 1, b * 32 + j] * q)
-                out[t, n] = lanes_sum(a0)
-                out[t + 1, n] = lanes_sum(a1)
-        if t_rows % 2:
-            t = t_rows - 1
-            for n in range(n0, n1):
-                a0 = lanes32()
-                for b in range(nb):
-                    d = as_float(scale[n, b])
-                    for j in range(32):
-                        a0[j] += d * (x[t, b * 32 + j] * int8_to_float(codes[n, b * 32 + j]))
-                out[t, n] = lanes_sum(a0)
+                        xj = x[0, b * 32 + j]
+                        a0[j] += d0 * (xj * int8_to_float(codes[n, b * 32 + j]))
+                        a1[j] += d1 * (xj * int8_to_float(codes[n + 1, b * 32 + j]))
+                out[0, n] = lanes_sum(a0)
+                out[0, n + 1] = lanes_sum(a1)
+            if (n1 - n0) % 2:
+                out[0, n1 - 1] = _q8_dot(x, codes, scale, n1 - 1, 0)
+        else:
+            for t in range(0, t_rows - 1, 2):
+                for n in range(n0, n1):
+                    a0, a1 = lanes32(), lanes32()
+                    for b in range(nb):
+                        d = as_float(scale[n, b])
+                        for j in range(32):
+                            q = int8_to_float(codes[n, b * 32 + j])
+                            a0[j] += d * (x[t, b * 32 + j] * q)
+                            a1[j] += d * (x[t + 1, b * 32 + j] * q)
+                    out[t, n] = lanes_sum(a0)
+                    out[t + 1, n] = lanes_sum(a1)
+            if t_rows % 2:
+                for n in range(n0, n1):
+                    out[t_rows - 1, n] = _q8_dot(x, codes, scale, n, t_rows - 1)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -322,3 +343,52 @@ def q8_rows(ids, codes, scale, block, out):  # noqa: ANN001, ANN201
 def float_rows(ids, codes, is_bf16, out):  # noqa: ANN001, ANN201
     for t in prange(ids.shape[0]):
         _float_row(codes, is_bf16, ids[t], out[t])
+
+
+# ----------------------------------------------------------------------------- dispatch
+def matmul(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN201
+    """out (T, N) = x (T, K) @ W.T, W given by a PackedWeight's arrays (its ``kernel_args``).
+
+    Callable from Numba code only: the overload below picks the kernel family from the codes'
+    dtype at compile time, and the loop shape from T at run time (few tokens: the fused loops;
+    many, as in prefill: decode weight tiles once)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(matmul, inline="always")
+def _matmul_impl(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202
+    if codes.dtype == types.uint8:  # q4
+
+        def q4(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202
+            if x.shape[0] <= FUSED_MAX_T:
+                q4_fused(x, codes, scale, offset, offset_mult, out)
+            else:
+                q4_tiled(x, codes, scale, offset, offset_mult, out)
+
+        return q4
+    if codes.dtype == types.int8:  # q8: 32 weights per scale (Q8_0, Q5_0) or 16 (Q6_K)
+
+        def q8(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202
+            if block == 32 and x.shape[0] <= FUSED_MAX_T:
+                q8_fused(x, codes, scale, out)
+            elif x.shape[0] == 1:
+                q8_16_matvec(x[0], codes, scale, out[0])
+            else:
+                q8_tiled(x, codes, scale, block, out)
+
+        return q8
+
+    def float_weights(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202
+        if x.shape[0] == 1:
+            float_matvec(x[0], codes, is_bf16, out[0])
+        else:
+            float_tiled(x, codes, is_bf16, out)
+
+    return float_weights
+
+
+@njit(cache=True)
+def packed_matmul(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN201
+    """``matmul`` for Python callers (cpu.linear)."""
+    if x.shape[0]:
+        matmul(x, codes, scale, offset, offset_mult, block, is_bf16, out)

@@ -23,6 +23,7 @@ Three kernel families cover every format:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -56,6 +57,18 @@ class PackedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.rows, self.cols)
+
+    @cached_property
+    def kernel_args(self) -> tuple:
+        """The arrays and constants ``cpu_linear.matmul`` takes, in its order (built once)."""
+        return (
+            self.codes,
+            self.scale,
+            self.offset,
+            self.offset_mult,
+            self.block,
+            self.is_bf16,
+        )
 
     @property
     def nbytes(self) -> int:

@@ -5,7 +5,8 @@
 `make setup` runs this so that the first lesson, test or `minillm run` loads machine code in
 seconds instead of compiling for about a minute. One short generation reaches every kernel
 signature the engine uses: a prompt longer than the fused-loop limit (the tiled prefill
-kernels), single-sequence decode (the fused matvec) and a small batch (batched decode).
+kernels), single-sequence decode (the fused matvec, inside the one-call-per-layer decode
+of cpu_layer) and a small batch (batched decode).
 """
 
 from __future__ import annotations

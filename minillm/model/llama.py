@@ -44,6 +44,9 @@ class LlamaModel:
             config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         )
         self.scale = d**-0.5
+        # A backend may offer all layers of a decode-only step as one fused call (cpu does:
+        # see kernels/cpu_layer.py); set False to run op by op, as the lessons do to compare.
+        self.fused_decode = hasattr(ops, "decoder_layers")
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (T, D/2) of each token's rotation angles: position * theta^(-2i/D)."""
@@ -59,6 +62,12 @@ class LlamaModel:
         t = batch.num_tokens
         cos, sin = self.rope_tables(batch.positions)
         x = ops.embedding(batch.token_ids, self.embed)  # (T, d)
+        if self.fused_decode and not batch.prefills:  # the same math, one call per layer
+            x = ops.decoder_layers(
+                x, self.layers, k_caches, v_caches, batch, cos, sin,
+                cfg.rms_norm_eps, cfg.num_heads, self.scale,
+            )  # fmt: skip
+            return self._logits(x, batch)
         for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
             # ---- attention block: x + Wo · attn(rope(Wq·h), rope(Wk·h), Wv·h), h = norm(x)
             h = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
@@ -73,9 +82,12 @@ class LlamaModel:
             h = ops.rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
             gate_up = ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up))
             x = x + ops.linear(gate_up, layer.w_down)
-        # only the rows that will be sampled need the (big) vocabulary projection
-        h = ops.rms_norm(x[batch.logits_rows], self.final_norm, cfg.rms_norm_eps)
-        return ops.linear(h, self.lm_head)  # (S, V)
+        return self._logits(x, batch)
+
+    def _logits(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """(S, V): only the rows that will be sampled need the (big) vocabulary projection."""
+        h = self.ops.rms_norm(x[batch.logits_rows], self.final_norm, self.config.rms_norm_eps)
+        return self.ops.linear(h, self.lm_head)
 
     def _attention(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, batch: ForwardBatch

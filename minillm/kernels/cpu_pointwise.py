@@ -1,0 +1,47 @@
+"""Numba kernels for the small per-token ops: RMSNorm, RoPE and SwiGLU's silu(gate) * up.
+
+Each reads and writes a few KB per token, so in decode they cost less than calling them does;
+they stay single-threaded except silu_mul (its exp is scalar, so long prefills split rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from minillm.kernels.cpu_numerics import FASTMATH
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rms_norm_rows(x, weight, eps, out):  # noqa: ANN001, ANN202
+    """out (T, d) = x / sqrt(mean(x^2) + eps) * weight, row by row."""
+    t_rows, d = x.shape
+    for t in range(t_rows):
+        ss = np.float32(0)
+        for i in range(d):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+        for i in range(d):
+            out[t, i] = x[t, i] * inv * weight[i]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def rope_heads(x, cos, sin, out):  # noqa: ANN001, ANN202
+    """out (T, H, D): each head's pairs (i, i + D/2) rotated by its token's angles."""
+    t_rows, h_count, d = x.shape
+    half = d // 2
+    for t in range(t_rows):
+        for h in range(h_count):
+            for i in range(half):
+                x1, x2, c, s = x[t, h, i], x[t, h, half + i], cos[t, i], sin[t, i]
+                out[t, h, i] = x1 * c - x2 * s
+                out[t, h, half + i] = x2 * c + x1 * s
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def silu_mul_rows(gate, up, out):  # noqa: ANN001, ANN202
+    """out (T, f) = silu(gate) * up."""
+    for t in prange(gate.shape[0]):  # exp is scalar here, so long prefills use both threads
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1) + np.exp(-g)) * up[t, i]
