@@ -102,6 +102,39 @@ def int8_to_float(typingctx, code):  # noqa: ANN001, ANN201 - Numba intrinsic si
     return types.float32(code), codegen
 
 
+@intrinsic
+def prefetch(typingctx, array, index):  # noqa: ANN001, ANN201 - Numba intrinsic signature
+    """Ask the CPU to start loading the cache line of array[index] (1-D) now; no result, no
+    fault if it is never used. LLVM's ``llvm.prefetch`` (read, keep in all cache levels)."""
+    if not (
+        isinstance(array, types.Array) and array.ndim == 1 and isinstance(index, types.Integer)
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        array_type = signature.args[0]
+        ary = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(
+            context, builder, array_type, ary, [args[1]], wraparound=False, boundscheck=False
+        )
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        read, keep_everywhere, data = ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)
+        builder.call(fn, [builder.bitcast(ptr, i8p), read, keep_everywhere, data])
+        return context.get_dummy_value()
+
+    return types.none(array, index), codegen
+
+
+@njit(inline="always", cache=True)
+def prefetch_range(flat, start, length):  # noqa: ANN001, ANN201
+    """Prefetch flat[start:start + length] (bytes of a uint8/int8 array), one line at a time."""
+    for i in range(start, min(start + length, flat.shape[0]), 64):
+        prefetch(flat, i)
+
+
 @njit(inline="always", cache=True)
 def half_to_float(h: np.uint16) -> np.float32:
     """IEEE fp16 bits -> float32, exact: the F16C instruction where there is one."""
