@@ -8,9 +8,14 @@ Side by side on the bundled model, interleaved repetitions, medians reported:
    (torch fp32), ``cpu`` (Numba, computing on the Q4_1/Q8_0 blocks), HF ``transformers`` (the
    same GGUF dequantized to fp32, greedy ``generate``) and llama.cpp (``llama_cpp``, only when
    importable);
-2. batched decode: 16 sequences decoding together against one stream;
-3. the roofline: measured memory read bandwidth / bytes of weights read per decode step;
+2. batched decode: 16 sequences decoding together against one stream, and the compute ceiling
+   such a batch runs into: fp32 GEMM throughput (torch's own matmul) / FLOPs per token;
+3. the roofline: measured memory read bandwidth / bytes of weights read per decode step (the
+   bandwidth is measured before and after the engines, and the higher one is used);
 4. Numba compile time: first run with an empty cache against a run with a warm cache.
+
+`cpu` decodes a decode-only step with one compiled call per layer (``kernels/cpu_layer.py``);
+the row "`cpu`, op by op" is the same engine with that switched off, one kernel call per op.
 
 The full run writes the "kernels" section of BENCHMARKS.md; ``--quick`` only prints unless
 ``--write`` is given. The machine's load average is recorded: other processes on the same
@@ -51,6 +56,8 @@ class Config:
     batch_tokens: int  # tokens each of them generates
 
 
+OP_BY_OP = "cpu-op-by-op"  # the cpu engine with its fused decode layer switched off
+
 FULL = Config(prefill_len=256, decode_tokens=64, reps=3, batch=16, batch_tokens=32)
 QUICK = Config(prefill_len=64, decode_tokens=16, reps=1, batch=4, batch_tokens=8)
 
@@ -77,6 +84,32 @@ def measure_bandwidth(threads: int, megabytes: int = 256, reps: int = 5) -> floa
         total(a)
         times.append(time.perf_counter() - t0)
     return a.nbytes / min(times) / 1e9  # the best run: least disturbed by other processes
+
+
+def measure_gemm_gflops(threads: int, reps: int = 5) -> float:
+    """fp32 multiply-add throughput of this machine in GFLOP/s: torch's own matmul (oneDNN /
+    MKL) on 1024 x 1024 x 1024, the best run. A practical ceiling, not the datasheet peak."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(reps))
+    return 2 * 1024**3 / best / 1e9
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_flops_per_token(model) -> int:  # noqa: ANN001 - cpu LlamaModel
+    """2 x the multiply-adds of every linear layer and the lm_head for one token."""
+    linear = [model.lm_head] + [w for layer in model.layers for w in
+                                (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
+                                 layer.w_up, layer.w_down)]  # fmt: skip
+    return 2 * sum(w.rows * w.cols for w in linear)
 
 
 def decode_bytes_per_token(model, fp32: bool = False) -> int:  # noqa: ANN001 - cpu LlamaModel
@@ -249,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     gguf = llms["cpu"].loaded.path
     ids = prompt_ids(llms["cpu"].tokenizer, cfg.prefill_len)
     short = ids[:16]
+    bandwidth_before = measure_bandwidth(args.threads)
+    op_by_op = LLM(args.model, backend="cpu", **kw)
+    op_by_op.loaded.model.fused_decode = False
     engines: dict[str, tuple[Callable, Callable]] = {
         name: (lambda p, llm=llm: minillm_prefill(llm, p),
                lambda p, n, llm=llm: minillm_decode(llm, p, n))
-        for name, llm in llms.items()
+        for name, llm in {**llms, OP_BY_OP: op_by_op}.items()
     }  # fmt: skip
     notes = []
     if not args.no_peers and gguf.suffix == ".gguf":
@@ -279,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     batched = {b: _median([minillm_batched(llm, prompts, cfg.batch_tokens)
                            for _ in range(cfg.reps)]) for b, llm in llms.items()}  # fmt: skip
 
-    bandwidth = measure_bandwidth(args.threads)
+    bandwidth_after = measure_bandwidth(args.threads)
+    bandwidth = max(bandwidth_before, bandwidth_after)  # the stricter roofline
+    gemm_gflops = measure_gemm_gflops(args.threads)
+    flops_per_token = decode_flops_per_token(llms["cpu"].loaded.model)
+    batch_ceiling = gemm_gflops * 1e9 / flops_per_token
     bytes_per_token = decode_bytes_per_token(llms["cpu"].loaded.model)
     fp32_bytes = decode_bytes_per_token(llms["cpu"].loaded.model, fp32=True)
     roofline = bandwidth * 1e9 / bytes_per_token
@@ -296,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in engines:
         d = decode_med[name]
-        rows.append([f"`{name}`" if name in llms else name, _fmt(prefill_med[name]), _fmt(d),
+        label = f"`{name}`" if name in llms else "`cpu`, op by op" if name == OP_BY_OP else name
+        rows.append([label, _fmt(prefill_med[name]), _fmt(d),
                      f"{d / hf:.2f}x" if hf else "-", f"{d / lc:.2f}x" if lc else "-",
                      f"{d * engine_bytes.get(name, bytes_per_token) / bandwidth / 1e7:.0f}%"])  # fmt: skip
     table = _report.markdown_table(
@@ -337,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         "### Prefill and single-stream decode\n\n" + table + "\n\n" + "; ".join(verdicts) + ".\n\n"
         "### Roofline: bandwidth / bytes per token\n\n"
         f"- measured read bandwidth ({args.threads} threads, 256 MiB array): "
-        f"**{bandwidth:.1f} GB/s**\n"
+        f"{bandwidth_before:.1f} GB/s before the engines ran, {bandwidth_after:.1f} GB/s after; "
+        f"the higher, **{bandwidth:.1f} GB/s**, is used\n"
         f"- bytes read per decode step: {bytes_per_token / 1e6:.1f} MB (all linear weights in "
         f"their GGUF blocks, the tied Q8_0 lm_head, one embedding row, norms; KV cache extra)\n"
         f"- roofline = bandwidth / bytes per token = **{roofline:.0f} tokens/s** for `cpu` (and "
@@ -349,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{'memory' if cpu > 0.6 * roofline else 'compute and per-op overhead'}-bound\n\n"
         "### Batched decode\n\n" + btable + "\n\n"
         f"Each step reads the weights once for all {cfg.batch} sequences, so the aggregate grows "
-        "until the step becomes compute-bound.\n\n"
+        "until the step becomes compute-bound. The compute ceiling: this machine's fp32 matmul "
+        f"(torch, 1024 x 1024 x 1024, {args.threads} threads) runs at **{gemm_gflops:.0f} "
+        f"GFLOP/s**; a token costs {flops_per_token / 1e6:.0f} MFLOP (2 x every weight), so no "
+        f"fp32 engine here can decode more than **{batch_ceiling:.0f} tokens/s** in aggregate, "
+        f"{batch_ceiling / cpu:.1f}x `cpu`'s single stream. `cpu`'s {cfg.batch}-stream batch "
+        f"computes at {batched['cpu'] * flops_per_token / 1e9:.0f} GFLOP/s, "
+        f"{batched['cpu'] / batch_ceiling:.0%} of that ceiling.\n\n"
         "### Numba compile time (fresh process: load + prefill + 4 decode steps)\n\n"
         f"- `cpu`, empty Numba cache (compiles every kernel): {cold:.1f} s\n"
         f"- `cpu`, warm cache (`cache=True` loads the machine code): {warm:.1f} s\n"
