@@ -13,6 +13,8 @@ Two loop shapes share the packed layout (``cpu.linear`` picks one by T):
   block offset is folded in once per block via sum(x_block).
 - tiled (larger T: prefill): a chunk's rows are decoded to float32 once (a few KB) and
   multiplied with all T rows of x, 2 tokens x 4 rows per step - a small register-blocked GEMM.
+  q4 rows are decoded in "nibble order" (all low-nibble weights, then all high-nibble ones)
+  and x's columns permuted once to match: that order lets LLVM vectorize the decoding.
 
 Scalar arguments are cast to float32 first: a float64 anywhere in a loop makes LLVM compute in
 double precision and gives up vectorizing.
@@ -294,15 +296,33 @@ def _store4(out, t, n0, nr, a0, a1, a2, a3):  # noqa: ANN001, ANN202
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q4_tiled(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K/2) uint8; scale/offset (N, K/32); out (T, N)."""
-    n_rows, k = codes.shape[0], x.shape[1]
+    t_rows, k = x.shape
+    n_rows, nb = scale.shape
+    half = k // 2
     mult = np.float32(offset_mult)
+    xp = np.empty((t_rows, k), np.float32)  # x's columns in nibble order, as w is decoded
+    for t in range(t_rows):
+        for b in range(nb):
+            for j in range(16):
+                xp[t, b * 16 + j] = x[t, b * 32 + j]
+                xp[t, half + b * 16 + j] = x[t, b * 32 + 16 + j]
     for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
         w = np.zeros((_ROWS, k), np.float32)  # decoded rows, reused for every token
+        d_byte, o_byte = np.empty(half, np.float32), np.empty(half, np.float32)
         for n0 in range(c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK), _ROWS):
             nr = min(_ROWS, n_rows - n0)
             for r in range(nr):
-                _q4_row(codes, scale, offset, mult, n0 + r, w[r])
-            _tile_times_x(x, w, n0, nr, out)
+                n = n0 + r
+                for b in range(nb):  # each code byte's scale and offset, spread out
+                    d, o = as_float(scale[n, b]), mult * as_float(offset[n, b])
+                    for j in range(16):
+                        d_byte[b * 16 + j] = d
+                        o_byte[b * 16 + j] = o
+                for i in range(half):  # flat loops over the bytes: these vectorize
+                    w[r, i] = d_byte[i] * nibble_lo(codes[n, i]) + o_byte[i]
+                for i in range(half):
+                    w[r, half + i] = d_byte[i] * nibble_hi(codes[n, i]) + o_byte[i]
+            _tile_times_x(xp, w, n0, nr, out)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
