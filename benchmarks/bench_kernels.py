@@ -8,8 +8,8 @@ Side by side on the bundled model, interleaved repetitions, medians reported:
    (torch fp32), ``cpu`` (Numba, computing on the Q4_1/Q8_0 blocks), HF ``transformers`` (the
    same GGUF dequantized to fp32, greedy ``generate``) and llama.cpp (``llama_cpp``, only when
    importable);
-2. batched decode: 16 sequences decoding together against one stream, and the compute ceiling
-   such a batch runs into: fp32 GEMM throughput (torch's own matmul) / FLOPs per token;
+2. batched decode: 16 sequences decoding together against one stream, and the compute roof
+   such a batch runs into: peak fp32 multiply-adds per second / FLOPs per token;
 3. the roofline: measured memory read bandwidth / bytes of weights read per decode step (the
    bandwidth is measured before and after the engines, and the higher one is used);
 4. Numba compile time: first run with an empty cache against a run with a warm cache.
@@ -62,46 +62,18 @@ FULL = Config(prefill_len=256, decode_tokens=64, reps=3, batch=16, batch_tokens=
 QUICK = Config(prefill_len=64, decode_tokens=16, reps=1, batch=4, batch_tokens=8)
 
 
-# ----------------------------------------------------------------------------- memory
-def measure_bandwidth(threads: int, megabytes: int = 256, reps: int = 5) -> float:
-    """Read bandwidth in GB/s: summing a large float32 array with `threads` Numba threads."""
-    import numba
-    import numpy as np
-
-    @numba.njit(parallel=True, fastmath={"reassoc"})
-    def total(a):  # noqa: ANN001, ANN202
-        s = np.float32(0)
-        for i in numba.prange(a.shape[0]):
-            s += a[i]
-        return s
-
-    numba.set_num_threads(threads)
-    a = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
-    total(a)  # compile, and touch every page once
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        total(a)
-        times.append(time.perf_counter() - t0)
-    return a.nbytes / min(times) / 1e9  # the best run: least disturbed by other processes
-
-
+# ----------------------------------------------------------------------------- roofs
 def measure_gemm_gflops(threads: int, reps: int = 5) -> float:
-    """fp32 multiply-add throughput of this machine in GFLOP/s: torch's own matmul (oneDNN /
-    MKL) on 1024 x 1024 x 1024, the best run. A practical ceiling, not the datasheet peak."""
+    """fp32 GFLOP/s of torch's own matmul (oneDNN / MKL) on 1024 x 1024 x 1024, the best run:
+    what a tuned library reaches, beside the register-only peak of roofline.measure_fma_peak."""
     import torch
+
+    from minillm.kernels.roofline import best_seconds
 
     torch.set_num_threads(threads)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(reps))
-    return 2 * 1024**3 / best / 1e9
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return 2 * 1024**3 / best_seconds(lambda: a @ b, reps) / 1e9
 
 
 def decode_flops_per_token(model) -> int:  # noqa: ANN001 - cpu LlamaModel
@@ -270,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from minillm import LLM
+    from minillm.kernels import roofline
 
     cfg = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
@@ -282,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     gguf = llms["cpu"].loaded.path
     ids = prompt_ids(llms["cpu"].tokenizer, cfg.prefill_len)
     short = ids[:16]
-    bandwidth_before = measure_bandwidth(args.threads)
+    bandwidth_before = roofline.measure_bandwidth(args.threads)
     op_by_op = LLM(args.model, backend="cpu", **kw)
     op_by_op.loaded.model.fused_decode = False
     engines: dict[str, tuple[Callable, Callable]] = {
@@ -315,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     batched = {b: _median([minillm_batched(llm, prompts, cfg.batch_tokens)
                            for _ in range(cfg.reps)]) for b, llm in llms.items()}  # fmt: skip
 
-    bandwidth_after = measure_bandwidth(args.threads)
+    bandwidth_after = roofline.measure_bandwidth(args.threads)
     bandwidth = max(bandwidth_before, bandwidth_after)  # the stricter roofline
+    fma_peak = roofline.measure_fma_peak(args.threads)
     gemm_gflops = measure_gemm_gflops(args.threads)
     flops_per_token = decode_flops_per_token(llms["cpu"].loaded.model)
-    batch_ceiling = gemm_gflops * 1e9 / flops_per_token
+    batch_ceiling = fma_peak * 1e9 / flops_per_token
     bytes_per_token = decode_bytes_per_token(llms["cpu"].loaded.model)
     fp32_bytes = decode_bytes_per_token(llms["cpu"].loaded.model, fp32=True)
     roofline = bandwidth * 1e9 / bytes_per_token
@@ -391,13 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'memory' if cpu > 0.6 * roofline else 'compute and per-op overhead'}-bound\n\n"
         "### Batched decode\n\n" + btable + "\n\n"
         f"Each step reads the weights once for all {cfg.batch} sequences, so the aggregate grows "
-        "until the step becomes compute-bound. The compute ceiling: this machine's fp32 matmul "
-        f"(torch, 1024 x 1024 x 1024, {args.threads} threads) runs at **{gemm_gflops:.0f} "
-        f"GFLOP/s**; a token costs {flops_per_token / 1e6:.0f} MFLOP (2 x every weight), so no "
-        f"fp32 engine here can decode more than **{batch_ceiling:.0f} tokens/s** in aggregate, "
-        f"{batch_ceiling / cpu:.1f}x `cpu`'s single stream. `cpu`'s {cfg.batch}-stream batch "
-        f"computes at {batched['cpu'] * flops_per_token / 1e9:.0f} GFLOP/s, "
-        f"{batched['cpu'] / batch_ceiling:.0%} of that ceiling.\n\n"
+        "until the step becomes compute-bound. The compute roof: fused multiply-adds in registers "
+        f"run at **{fma_peak:.0f} GFLOP/s** on {args.threads} threads (torch's own fp32 matmul, "
+        f"1024 x 1024 x 1024, reaches {gemm_gflops:.0f}). A token costs "
+        f"{flops_per_token / 1e6:.0f} MFLOP (2 x every weight), so no fp32 engine here can "
+        f"decode more than **{batch_ceiling:.0f} tokens/s** in aggregate, "
+        f"{batch_ceiling / cpu:.1f}x `cpu`'s single stream; 6x would need "
+        f"{6 * cpu * flops_per_token / fma_peak / 1e7:.0f}% of that roof at T = {cfg.batch}. "
+        f"`cpu`'s {cfg.batch}-stream batch computes at "
+        f"{batched['cpu'] * flops_per_token / 1e9:.0f} GFLOP/s, "
+        f"{batched['cpu'] / batch_ceiling:.0%} of the roof.\n\n"
         "### Numba compile time (fresh process: load + prefill + 4 decode steps)\n\n"
         f"- `cpu`, empty Numba cache (compiles every kernel): {cold:.1f} s\n"
         f"- `cpu`, warm cache (`cache=True` loads the machine code): {warm:.1f} s\n"

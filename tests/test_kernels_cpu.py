@@ -114,6 +114,25 @@ def test_half_to_float_is_exact_on_every_fp16_value() -> None:
         assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
 
 
+def test_roofline_kernels_compute_what_they_claim() -> None:
+    """The two roof measurements run real arithmetic: array_sum sums (exactly, on integers),
+    fma_chains follows a = a * m + e (against numpy's float32 recurrence), and both come
+    back as positive rates."""
+    from minillm.kernels import roofline
+
+    a = np.arange(1000, dtype=np.float32)
+    assert roofline.array_sum(a) == 499500
+    out = np.zeros(3, np.float32)
+    roofline.fma_chains(50, out)
+    for c in range(3):
+        m, e, acc = np.float32(0.999999), np.float32(1e-7) * np.float32(c + 1), np.float32(0)
+        for _ in range(50):
+            acc = np.float32(acc * m + e)
+        assert out[c] == pytest.approx(192 * acc, rel=1e-5)  # 6 x 32 accumulators
+    assert roofline.measure_fma_peak(1, steps=1000, reps=1) > 0
+    assert roofline.measure_bandwidth(1, megabytes=8, reps=1) > 0
+
+
 def test_q5_0_widens_to_int8_exactly() -> None:
     """Q5_0 reuses Q8_0's kernels: int8 codes q - 16 and the fp16 block scale, bit for bit."""
     qt, packed, _ = _weights("Q5_0", 6, 3, seed=1)

@@ -18,6 +18,7 @@ import time
 def warm_up(model: str = "smollm2") -> float:
     """Run the kernels once on `model`; returns the seconds it took (compilation included)."""
     from minillm import LLM, SamplingParams
+    from minillm.kernels import roofline
 
     t0 = time.perf_counter()
     llm = LLM(model, backend="cpu", enable_prefix_caching=False)
@@ -25,6 +26,8 @@ def warm_up(model: str = "smollm2") -> float:
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     llm.generate([long_prompt], params)  # prefill (tiled) + decode (fused)
     llm.generate(["Hello", "Hi there"], params)  # a batch of two
+    roofline.measure_bandwidth(1, megabytes=1, reps=1)  # lesson 04's two roofs
+    roofline.measure_fma_peak(1, steps=10, reps=1)
     return time.perf_counter() - t0
 
 

@@ -1,0 +1,77 @@
+"""This machine's two roofs, measured with Numba: memory read bandwidth and fp32 FMA peak.
+
+The roofline model bounds a kernel's speed by whichever runs out first: bytes it reads /
+bandwidth, or FLOPs it does / peak FLOP rate. Decode reads every weight for one multiply-add
+(~3 FLOP per byte of Q4_1) and sits under the bandwidth roof; a batch of T tokens does T times
+the FLOPs per byte and meets the compute roof. Lesson 04 and ``benchmarks/bench_kernels.py``
+measure both roofs here rather than quoting a datasheet.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from minillm.kernels.cpu_numerics import FASTMATH, lanes32
+
+
+@njit(parallel=True, fastmath={"reassoc"}, cache=True)
+def array_sum(a):  # noqa: ANN001, ANN201
+    """Sum of a float32 array, its chunks split across the threads: one add per 4 bytes read."""
+    s = np.float32(0)
+    for i in prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def fma_chains(steps, out):  # noqa: ANN001, ANN201
+    """Item c of out: 6 x 32 float32 accumulators each updated a = a * m + e `steps` times,
+    summed. 12 AVX-512 registers of independent chains hide the FMA latency; nothing is
+    read from memory inside the loop. The result is used, so LLVM cannot drop the loop."""
+    for c in prange(out.shape[0]):
+        a0, a1, a2 = lanes32(), lanes32(), lanes32()
+        a3, a4, a5 = lanes32(), lanes32(), lanes32()
+        m, e = np.float32(0.999999), np.float32(1e-7) * np.float32(c + 1)
+        for _ in range(steps):
+            for lane in range(32):
+                a0[lane] = a0[lane] * m + e
+                a1[lane] = a1[lane] * m + e
+                a2[lane] = a2[lane] * m + e
+                a3[lane] = a3[lane] * m + e
+                a4[lane] = a4[lane] * m + e
+                a5[lane] = a5[lane] * m + e
+        total = np.float32(0)
+        for lane in range(32):
+            total += a0[lane] + a1[lane] + a2[lane] + a3[lane] + a4[lane] + a5[lane]
+        out[c] = total
+
+
+def best_seconds(fn, reps: int) -> float:  # noqa: ANN001
+    """The fastest of `reps` runs: the one least disturbed by other programs on the cores."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_bandwidth(threads: int, megabytes: int = 256, reps: int = 5) -> float:
+    """Read bandwidth in GB/s: `threads` Numba threads summing a float32 array far larger
+    than the caches."""
+    numba.set_num_threads(threads)
+    a = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    array_sum(a)  # compile (or load), and touch every page once
+    return a.nbytes / best_seconds(lambda: array_sum(a), reps) / 1e9
+
+
+def measure_fma_peak(threads: int, steps: int = 1_000_000, reps: int = 3) -> float:
+    """Peak fp32 throughput in GFLOP/s (a multiply-add counts 2) on `threads` threads."""
+    numba.set_num_threads(threads)
+    out = np.zeros(threads, np.float32)
+    fma_chains(10, out)
+    return 2 * 6 * 32 * steps * threads / best_seconds(lambda: fma_chains(steps, out), reps) / 1e9
