@@ -419,6 +419,43 @@ def test_kernel_under_simulator(name: str, simulator_results: dict) -> None:
     assert result["ok"], f"{name} failed in the simulator:\n{result['error']}"
 
 
+def test_simulator_gives_a_block_one_shared_array_under_contention() -> None:
+    """16 threads (one block) ask for the same shared array at the same moment, 500 times,
+    with thread switches every microsecond. After minillm's patch every thread gets the same
+    array; numba-cuda 0.30.4's unlocked lookup-then-insert gave a thread a private one in
+    about 1 trial of 40, which broke the kernels' reductions (wrong greedy tokens)."""
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
+    from minillm.kernels.cuda_simulator import make_shared_arrays_thread_safe
+
+    make_shared_arrays_thread_safe()
+
+    def arrays_handed_out() -> int:
+        shared = kernelapi.FakeCUDAShared(0)
+        start, got = threading.Barrier(16), []
+
+        def thread() -> None:
+            start.wait()
+            got.append(shared.array(8, np.float32))  # one source line, as in a kernel
+
+        workers = [threading.Thread(target=thread) for _ in range(16)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return len({id(a) for a in got})
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        counts = [arrays_handed_out() for _ in range(500)]
+    finally:
+        sys.setswitchinterval(before)
+    assert max(counts) == 1, f"{sum(c > 1 for c in counts)} of 500 blocks got several arrays"
+
+
 def test_cuda_backend_without_gpu_or_simulator_says_what_to_do() -> None:
     """In a plain process on a machine without a GPU, asking for 'cuda' explains the way out."""
     code = (

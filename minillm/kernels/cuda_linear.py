@@ -29,6 +29,10 @@ import functools
 from numba import cuda, float32
 
 from minillm.kernels.cuda_quant import BLOCK_DOT, KERNEL_FORMATS
+from minillm.kernels.cuda_simulator import make_shared_arrays_thread_safe
+
+# every kernel module imports this one: under the simulator, shared memory must be race-free
+make_shared_arrays_thread_safe()
 
 
 def _check_power_of_two(name: str, value: int) -> None:
