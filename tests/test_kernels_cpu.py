@@ -381,9 +381,11 @@ def test_tiny_hf_model_greedy_tokens_equal_ref(tmp_path, arch: str) -> None:  # 
     assert _greedy_tokens(str(folder), "cpu", 16) == _greedy_tokens(str(folder), "ref", 16)
 
 
-def _decode_both_ways(model_path: str) -> tuple:
+def _decode_both_ways(model_path: str, swap_after_first: bool = False) -> tuple:
     """Three sequences prefilled into shuffled blocks, then one decode step of all three run
-    twice from the same cache: op by op, and fused (one compiled call per layer)."""
+    twice from the same cache: op by op, and fused (one compiled call per layer).
+    ``swap_after_first``: run the fused step once, then replace a weight of layer 0, so that
+    the comparison runs on the new weight (the fused path caches each layer's arrays)."""
     from minillm.kv.cache import KVCache
     from minillm.loader import load_model
     from minillm.model.batch import ForwardBatch, PrefillChunk
@@ -406,6 +408,10 @@ def _decode_both_ways(model_path: str) -> tuple:
         torch.tensor(tokens), n, tables[torch.arange(3), n // bs] * bs + n % bs, 3, tables,
         n + 1, [], torch.arange(3),
     )  # fmt: skip
+    if swap_after_first:
+        m.model.forward(decode, [c.clone() for c in cache.k], [c.clone() for c in cache.v])
+        layer = m.model.layers[0]
+        layer.w_up, layer.ffn_norm = layer.w_gate, layer.attn_norm  # same shapes, new values
     results = []
     for fused in (False, True):
         k, v = [c.clone() for c in cache.k], [c.clone() for c in cache.v]
@@ -424,6 +430,14 @@ def test_fused_decode_equals_op_by_op(which: str, bundled_gguf_path, tmp_path) -
     (want, want_k, want_v), (got, got_k, got_v) = _decode_both_ways(str(path))
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_k + got_v, want_k + want_v, strict=True))
+
+
+def test_fused_decode_sees_a_replaced_weight(tmp_path) -> None:  # noqa: ANN001
+    from minillm.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path)
+    (want, _, _), (got, _, _) = _decode_both_ways(str(path), swap_after_first=True)
+    assert torch.equal(got, want)
 
 
 def test_decoder_layers_rejects_a_batch_with_prefills(tmp_path) -> None:  # noqa: ANN001

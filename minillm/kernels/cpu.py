@@ -254,23 +254,29 @@ _NO_BIAS = np.zeros(0, dtype=np.float32)
 _layer_arrays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_LAYER_VECTORS = ("attn_norm", "ffn_norm")
+_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+_LAYER_BIASES = ("bq", "bk", "bv")
+_LAYER_FIELDS = _LAYER_VECTORS + _LAYER_WEIGHTS + _LAYER_BIASES
+
+
 def _arrays_of(layer: object) -> tuple:
-    """A layer's norms, packed weights and biases as the fused kernel takes them (built once)."""
+    """A layer's norms, packed weights and biases as the fused kernel takes them: built once,
+    and again only if one of the layer's attributes has been replaced since."""
+    sources = tuple(getattr(layer, name) for name in _LAYER_FIELDS)
     cached = _layer_arrays.get(layer)
-    if cached is None:
+    if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
+        return cached[1]
 
-        def vector(t: torch.Tensor | None, what: str) -> np.ndarray:
-            return _NO_BIAS if t is None else _array(t, what).reshape(-1)
+    def vector(t: torch.Tensor | None, what: str) -> np.ndarray:
+        return _NO_BIAS if t is None else _array(t, what).reshape(-1)
 
-        weights = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-        cached = (
-            vector(layer.attn_norm, "attn_norm"),
-            vector(layer.ffn_norm, "ffn_norm"),
-            *(_packed(getattr(layer, n), n).kernel_args for n in weights),
-            *(vector(getattr(layer, n), n) for n in ("bq", "bk", "bv")),
-        )
-        _layer_arrays[layer] = cached
-    return cached
+    arrays = tuple(
+        _packed(src, name).kernel_args if name in _LAYER_WEIGHTS else vector(src, name)
+        for name, src in zip(_LAYER_FIELDS, sources, strict=True)
+    )
+    _layer_arrays[layer] = (sources, arrays)
+    return arrays
 
 
 def decoder_layers(
