@@ -5,6 +5,10 @@ Weights stay in their GGUF block format (``prepare_linear`` only re-arranges the
 paged KV cache in place (``cpu_attention``). Tensors cross the boundary as zero-copy numpy views
 of CPU float32 torch tensors; the caches are written in place.
 
+Beyond the contract, ``decoder_layers`` runs all layers of a decode-only step with one compiled
+call per layer (``cpu_layer``): the same kernels in the same order, without ~15 crossings from
+Python per layer. The model uses it when a backend has it (``LlamaModel.fused_decode``).
+
 Threads: the kernels use Numba's thread pool, sized by NUMBA_NUM_THREADS (default: all cores);
 ``numba.set_num_threads`` lowers it at run time. Torch ops between kernels (residual adds,
 reshapes, sampling) use torch's own pool: keep ``torch.set_num_threads`` equal to Numba's count.
