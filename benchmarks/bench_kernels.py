@@ -76,21 +76,23 @@ def measure_gemm_gflops(threads: int, reps: int = 5) -> float:
     return 2 * 1024**3 / best_seconds(lambda: a @ b, reps) / 1e9
 
 
+def linear_weights(model) -> list:  # noqa: ANN001 - cpu LlamaModel
+    """Every matrix one decode step multiplies by: the lm_head and each layer's seven."""
+    return [model.lm_head] + [w for layer in model.layers for w in
+                              (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
+                               layer.w_up, layer.w_down)]  # fmt: skip
+
+
 def decode_flops_per_token(model) -> int:  # noqa: ANN001 - cpu LlamaModel
     """2 x the multiply-adds of every linear layer and the lm_head for one token."""
-    linear = [model.lm_head] + [w for layer in model.layers for w in
-                                (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
-                                 layer.w_up, layer.w_down)]  # fmt: skip
-    return 2 * sum(w.rows * w.cols for w in linear)
+    return 2 * sum(w.rows * w.cols for w in linear_weights(model))
 
 
 def decode_bytes_per_token(model, fp32: bool = False) -> int:  # noqa: ANN001 - cpu LlamaModel
     """Weight bytes one decode step streams: every linear layer and the lm_head, read once,
     plus the one embedding row and the norm vectors (the KV cache comes on top of this).
     ``fp32``: the same weights dequantized to float32, as ref and transformers hold them."""
-    packed = [model.lm_head]
-    for layer in model.layers:
-        packed += [layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down]
+    packed = linear_weights(model)
     norms = [model.final_norm] + [v for layer in model.layers
                                   for v in (layer.attn_norm, layer.ffn_norm)]  # fmt: skip
     if fp32:

@@ -61,6 +61,7 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
 ):
     b, d = x.shape
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    no_bias = bq[:0]  # an empty float32 array: only q/k/v may carry biases
     # ---- attention block: x + Wo . attn(rope(Wq.h), rope(Wk.h), Wv.h), h = norm(x)
     h = np.empty_like(x)
     rms_norm_rows(x, attn_norm, eps, h)
@@ -73,10 +74,10 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
     store_kv_slots(k_rot, v, k_cache, v_cache, slots)
     attn = np.empty_like(q_rot)
     paged_decode(q_rot, k_cache, v_cache, block_tables, context_lens, scale, attn)
-    x += _project(attn.reshape(b, num_heads * head_dim), wo, bq[:0])
+    x += _project(attn.reshape(b, num_heads * head_dim), wo, no_bias)
     # ---- feed-forward block (SwiGLU): x + W_down . (silu(W_gate.h) * W_up.h)
     rms_norm_rows(x, ffn_norm, eps, h)
-    gate, up = _project(h, w_gate, bq[:0]), _project(h, w_up, bq[:0])
+    gate, up = _project(h, w_gate, no_bias), _project(h, w_up, no_bias)
     act = np.empty_like(gate)
     silu_mul_rows(gate, up, act)
-    x += _project(act, w_down, bq[:0])
+    x += _project(act, w_down, no_bias)
