@@ -45,7 +45,7 @@ def _assert_matmul_close(
 @pytest.mark.parametrize("fmt", FORMATS)
 @FEW
 @given(
-    t=st.sampled_from([1, 2, 3, 8, 9, 20]),  # both loop shapes (fused <= 8 < tiled), odd T
+    t=st.sampled_from([1, 2, 3, 4, 8, 9, 20]),  # one by one (< 4), token groups of 8, partial
     rows=st.integers(1, 37),  # past one 16-row chunk; odd counts leave a row unpaired
     blocks=st.integers(1, 3),
     seed=st.integers(0, 2**16),
@@ -75,8 +75,9 @@ def test_linear_bias_and_leading_dims(fmt: str) -> None:
 def test_one_row_and_many_rows_agree(fmt: str) -> None:
     """Decode (T=1) and prefill (large T) run different loops; each row must not care."""
     from minillm.kernels.cpu_linear import FUSED_MAX_T
+    from minillm.kernels.cpu_q4 import ONE_BY_ONE_BELOW
 
-    assert FUSED_MAX_T < 13, "13 rows must take the tiled loop"
+    assert max(ONE_BY_ONE_BELOW, FUSED_MAX_T) < 13, "13 rows must take the many-token loops"
     qt, packed, dense = _weights(fmt, 9, 2, seed=5)
     x = torch.randn(13, packed.cols, generator=torch.Generator().manual_seed(2))
     many = cpu.linear(x, packed)
@@ -85,10 +86,14 @@ def test_one_row_and_many_rows_agree(fmt: str) -> None:
 
 
 def test_packing_keeps_gguf_bytes() -> None:
-    """Q4_0/Q4_1/Q8_0/F16 repack without growing: the kernels stream the file's bytes."""
+    """Q4_0/Q4_1/Q8_0/F16 repack without growing: the kernels stream the file's bytes. q4
+    rows come in panels of 16, so a q4 matrix of fewer rows is padded up to 16."""
     for fmt in ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"):
-        qt, packed, _ = _weights(fmt, 8, 4, seed=0)
+        qt, packed, _ = _weights(fmt, 16, 4, seed=0)
         assert packed.nbytes == qt.nbytes, fmt
+    for fmt in ("Q4_0", "Q4_1"):
+        qt, packed, _ = _weights(fmt, 8, 4, seed=0)
+        assert packed.nbytes == 2 * qt.nbytes and packed.rows == 8, fmt
 
 
 def test_half_to_float_is_exact_on_every_fp16_value() -> None:

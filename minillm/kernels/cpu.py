@@ -32,6 +32,7 @@ import torch
 
 from minillm.formats.blocks import QuantTensor
 from minillm.kernels import cpu_linear as _lin
+from minillm.kernels import cpu_q4 as _q4
 from minillm.kernels.cpu_attention import paged_decode, paged_prefill, store_kv_slots
 from minillm.kernels.cpu_layer import decode_layer
 from minillm.kernels.cpu_packing import PackedWeight, pack_weight
@@ -125,7 +126,7 @@ def embedding(ids: torch.Tensor, table: PackedWeight) -> torch.Tensor:
         )
     out = np.empty((idx.size, table.cols), dtype=np.float32)
     if table.kind == "q4":
-        _lin.q4_rows(idx, table.codes, table.scale, table.offset, table.offset_mult, out)
+        _q4.q4_rows(idx, table.codes, table.scale, table.offset, table.offset_mult, out)
     elif table.kind == "q8":
         _lin.q8_rows(idx, table.codes, table.scale, table.block, out)
     else:
@@ -276,7 +277,7 @@ def _arrays_of(layer: object) -> tuple:
         return _NO_BIAS if t is None else _array(t, what).reshape(-1)
 
     arrays = tuple(
-        _packed(src, name).kernel_args if name in _LAYER_WEIGHTS else vector(src, name)
+        _packed(src, name).layer_args if name in _LAYER_WEIGHTS else vector(src, name)
         for name, src in zip(_LAYER_FIELDS, sources, strict=True)
     )
     _layer_arrays[layer] = (sources, arrays)

@@ -25,9 +25,9 @@ from minillm.kernels.cpu_pointwise import rms_norm_rows, rope_heads, silu_mul_ro
 
 @njit(inline="always", cache=True)
 def _project(h, w, bias):  # noqa: ANN001, ANN202
-    """h (T, K) @ W.T (+ bias; an empty bias means none) -> (T, N); w is a kernel_args tuple."""
-    out = np.empty((h.shape[0], w[0].shape[0]), np.float32)
-    matmul(h, w[0], w[1], w[2], w[3], w[4], w[5], out)
+    """h (T, K) @ W.T (+ bias; an empty bias means none) -> (T, N); w is a layer_args tuple."""
+    out = np.empty((h.shape[0], w[0]), np.float32)
+    matmul(h, w[1], w[2], w[3], w[4], w[5], w[6], out)
     if bias.shape[0]:
         out += bias
     return out
@@ -38,7 +38,7 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
     x,  # noqa: ANN001 - (B, d) float32, updated in place: x + attention, then + FFN
     attn_norm,  # noqa: ANN001
     ffn_norm,  # noqa: ANN001
-    wq,  # noqa: ANN001 - kernel_args tuples of the packed weights
+    wq,  # noqa: ANN001 - layer_args tuples of the packed weights
     wk,  # noqa: ANN001
     wv,  # noqa: ANN001
     wo,  # noqa: ANN001

@@ -4,17 +4,21 @@ Decode is memory-bound: every weight byte is read once per step, and a 4-bit wei
 eighth of the bytes of a float32 one. So the weights stay packed (see ``cpu_packing``) and are
 decoded in registers; each weight row is read from memory once per call, whatever T is.
 
-Two loop shapes share the packed layout (``cpu.linear`` picks one by T):
+4-bit weights (Q4_0, Q4_1, Q4_K) are laid out in 16-row panels and have their own kernels in
+``cpu_q4``. The int8 (Q8_0, Q5_0, Q6_K) and float kernels here read row-major weights, in two
+loop shapes (``matmul`` picks the kernel family from the codes' dtype, and the loop by T):
 
 - fused (T <= FUSED_MAX_T: decode, batched decode): rows are handed to the threads in chunks
   of ``_CHUNK`` rows; a chunk's rows stay in L1 while every pair of tokens passes over them.
-  Per 32-weight block the codes are unpacked and multiplied by x into 32 float32 lanes per
-  token that live in SIMD registers across blocks; the block scale multiplies in place and the
-  block offset is folded in once per block via sum(x_block).
+  Per block the codes are converted and multiplied by x into 32 float32 lanes per token that
+  live in SIMD registers across blocks; the block scale multiplies in place.
 - tiled (larger T: prefill): a chunk's rows are decoded to float32 once (a few KB) and
   multiplied with all T rows of x, 2 tokens x 4 rows per step - a small register-blocked GEMM.
-  q4 rows are decoded in "nibble order" (all low-nibble weights, then all high-nibble ones)
-  and x's columns permuted once to match: that order lets LLVM vectorize the decoding.
+
+Why q8 is not in panels too: it was tried. For many tokens the panel kernel was faster (the
+49152-row Q8_0 lm_head at T = 16: 2.9 ms instead of 4.8), but for one token it read the
+matrix from memory at half the speed of the row kernel (1.5 ms instead of 0.75), and the
+single-stream step is the one a chat user waits for.
 
 Scalar arguments are cast to float32 first: a float64 anywhere in a loop makes LLVM compute in
 double precision and gives up vectorizing.
@@ -32,116 +36,14 @@ from minillm.kernels.cpu_numerics import (
     int8_to_float,
     lanes32,
     lanes_sum,
-    nibble_hi,
-    nibble_hi16,
-    nibble_lo,
     prefetch_range,
     widen,
 )
+from minillm.kernels.cpu_q4 import PREFETCH_AHEAD, q4_matmul
 
 FUSED_MAX_T = 8  # up to this many tokens the fused loop wins; beyond, decoding once does
-# Single-token matvecs prefetch the weight bytes this far ahead of the rows they compute: the
-# hardware prefetcher alone left the lm_head at half the machine's read bandwidth.
-PREFETCH_AHEAD = 4096
 _CHUNK = 16  # rows per thread work item: small enough to balance threads, big enough to reuse
 _ROWS = 4  # rows decoded together in the tiled loop (2 tokens x 4 rows = 8 accumulators)
-
-
-# ----------------------------------------------------------------------------- fused: q4
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _q4_prepare_x(x, offset_mult):  # noqa: ANN001, ANN202
-    """The high nibble is read as (byte & 0xF0) = 16 q, so its x is divided by 16 once here
-    (exact: a power of two) instead of shifting every byte. Also each block's sum of x, the
-    coefficient of the block offset."""
-    t_rows, k = x.shape
-    nb = k // 32
-    xs = np.empty((t_rows, k), np.float32)
-    x_sum = np.empty((t_rows, nb), np.float32)
-    for t in range(t_rows):
-        for b in range(nb):
-            s = np.float32(0)
-            for j in range(16):
-                lo, hi = x[t, b * 32 + j], x[t, b * 32 + 16 + j]
-                xs[t, b * 32 + j] = lo
-                xs[t, b * 32 + 16 + j] = hi * np.float32(1 / 16)
-                s += lo + hi
-            x_sum[t, b] = offset_mult * s
-    return xs, x_sum
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _q4_offsets(offset, x_sum, n, t):  # noqa: ANN001, ANN202
-    """sum over blocks of offset[n, b] * x_sum[t, b]: a separate short loop that vectorizes,
-    instead of one more dependent scalar multiply-add per block in the main loop."""
-    acc = np.float32(0)
-    for b in range(offset.shape[1]):
-        acc += as_float(offset[n, b]) * x_sum[t, b]
-    return acc
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _q4_dot(xs, x_sum, codes, scale, offset, n, t):  # noqa: ANN001, ANN202
-    """Row n of W times token t of x, alone (the unpaired leftovers of q4_fused)."""
-    acc = lanes32()
-    for b in range(scale.shape[1]):
-        d = as_float(scale[n, b])
-        for j in range(16):
-            q = codes[n, b * 16 + j]
-            acc[j] += d * (xs[t, b * 32 + j] * nibble_lo(q))
-            acc[16 + j] += d * (xs[t, b * 32 + 16 + j] * nibble_hi16(q))
-    return lanes_sum(acc) + _q4_offsets(offset, x_sum, n, t)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q4_fused(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """x (T, K) float32; codes (N, K/2) uint8; scale/offset (N, K/32); out (T, N) float32.
-
-    Each (row, token) pair has two accumulator chains, and a fused multiply-add waits ~4
-    cycles for the previous one; so the loop always works on two pairs at once (two rows of
-    one token for decode, two tokens of one row otherwise) to keep the FMA units busy.
-    """
-    t_rows = x.shape[0]
-    n_rows, nb = scale.shape
-    xs, x_sum = _q4_prepare_x(x, np.float32(offset_mult))
-    flat, row_bytes = codes.reshape(-1), codes.shape[1]  # for prefetching
-    for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
-        n0, n1 = c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK)
-        if t_rows == 1:  # single-stream decode: two rows share each x load
-            for n in range(n0, n1 - 1, 2):
-                prefetch_range(flat, n * row_bytes + PREFETCH_AHEAD, 2 * row_bytes)
-                a0, a1 = lanes32(), lanes32()
-                for b in range(nb):
-                    d0, d1 = as_float(scale[n, b]), as_float(scale[n + 1, b])
-                    for j in range(16):
-                        q0, q1 = codes[n, b * 16 + j], codes[n + 1, b * 16 + j]
-                        x_lo, x_hi = xs[0, b * 32 + j], xs[0, b * 32 + 16 + j]
-                        a0[j] += d0 * (x_lo * nibble_lo(q0))
-                        a0[16 + j] += d0 * (x_hi * nibble_hi16(q0))
-                        a1[j] += d1 * (x_lo * nibble_lo(q1))
-                        a1[16 + j] += d1 * (x_hi * nibble_hi16(q1))
-                out[0, n] = lanes_sum(a0) + _q4_offsets(offset, x_sum, n, 0)
-                out[0, n + 1] = lanes_sum(a1) + _q4_offsets(offset, x_sum, n + 1, 0)
-        else:  # two tokens share each unpacked block
-            for t in range(0, t_rows - 1, 2):
-                for n in range(n0, n1):
-                    a0, a1 = lanes32(), lanes32()
-                    for b in range(nb):
-                        d = as_float(scale[n, b])
-                        for j in range(16):
-                            q = codes[n, b * 16 + j]
-                            lo, hi = nibble_lo(q), nibble_hi16(q)
-                            a0[j] += d * (xs[t, b * 32 + j] * lo)
-                            a0[16 + j] += d * (xs[t, b * 32 + 16 + j] * hi)
-                            a1[j] += d * (xs[t + 1, b * 32 + j] * lo)
-                            a1[16 + j] += d * (xs[t + 1, b * 32 + 16 + j] * hi)
-                    out[t, n] = lanes_sum(a0) + _q4_offsets(offset, x_sum, n, t)
-                    out[t + 1, n] = lanes_sum(a1) + _q4_offsets(offset, x_sum, n, t + 1)
-        # what the pairs left over: the last row of an odd chunk (T = 1), the last token (odd T)
-        if t_rows == 1 and (n1 - n0) % 2:
-            out[0, n1 - 1] = _q4_dot(xs, x_sum, codes, scale, offset, n1 - 1, 0)
-        if t_rows > 1 and t_rows % 2:
-            for n in range(n0, n1):
-                out[t_rows - 1, n] = _q4_dot(xs, x_sum, codes, scale, offset, n, t_rows - 1)
 
 
 # ----------------------------------------------------------------------------- fused: q8
@@ -224,18 +126,6 @@ def float_matvec(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
 
 # ----------------------------------------------------------------------------- row decoders
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _q4_row(codes, scale, offset, offset_mult, n, dst):  # noqa: ANN001, ANN202
-    """Weight row n of a q4 matrix -> dst (K,) float32 (offset_mult must be float32)."""
-    for b in range(scale.shape[1]):
-        d = as_float(scale[n, b])
-        o = offset_mult * as_float(offset[n, b])
-        for j in range(16):
-            q = codes[n, b * 16 + j]
-            dst[b * 32 + j] = d * nibble_lo(q) + o
-            dst[b * 32 + 16 + j] = d * nibble_hi(q) + o
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
 def _q8_row(codes, scale, block, n, dst):  # noqa: ANN001, ANN202
     for b in range(scale.shape[1]):
         d = as_float(scale[n, b])
@@ -294,38 +184,6 @@ def _store4(out, t, n0, nr, a0, a1, a2, a3):  # noqa: ANN001, ANN202
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q4_tiled(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """x (T, K); codes (N, K/2) uint8; scale/offset (N, K/32); out (T, N)."""
-    t_rows, k = x.shape
-    n_rows, nb = scale.shape
-    half = k // 2
-    mult = np.float32(offset_mult)
-    xp = np.empty((t_rows, k), np.float32)  # x's columns in nibble order, as w is decoded
-    for t in range(t_rows):
-        for b in range(nb):
-            for j in range(16):
-                xp[t, b * 16 + j] = x[t, b * 32 + j]
-                xp[t, half + b * 16 + j] = x[t, b * 32 + 16 + j]
-    for c in prange((n_rows + _CHUNK - 1) // _CHUNK):
-        w = np.zeros((_ROWS, k), np.float32)  # decoded rows, reused for every token
-        d_byte, o_byte = np.empty(half, np.float32), np.empty(half, np.float32)
-        for n0 in range(c * _CHUNK, min(n_rows, c * _CHUNK + _CHUNK), _ROWS):
-            nr = min(_ROWS, n_rows - n0)
-            for r in range(nr):
-                n = n0 + r
-                for b in range(nb):  # each code byte's scale and offset, spread out
-                    d, o = as_float(scale[n, b]), mult * as_float(offset[n, b])
-                    for j in range(16):
-                        d_byte[b * 16 + j] = d
-                        o_byte[b * 16 + j] = o
-                for i in range(half):  # flat loops over the bytes: these vectorize
-                    w[r, i] = d_byte[i] * nibble_lo(codes[n, i]) + o_byte[i]
-                for i in range(half):
-                    w[r, half + i] = d_byte[i] * nibble_hi(codes[n, i]) + o_byte[i]
-            _tile_times_x(xp, w, n0, nr, out)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q8_tiled(x, codes, scale, block, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K) int8; scale (N, K/block); out (T, N)."""
     n_rows, k = codes.shape[0], x.shape[1]
@@ -352,15 +210,7 @@ def float_tiled(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
 
 
 # ----------------------------------------------------------------------------- embedding
-# No fastmath here: d * q + m rounds twice, exactly as the reference dequantizer does.
-@njit(parallel=True, cache=True)
-def q4_rows(ids, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """out[t] = dequantized row ids[t]: only the looked-up rows are decoded."""
-    mult = np.float32(offset_mult)
-    for t in prange(ids.shape[0]):
-        _q4_row(codes, scale, offset, mult, ids[t], out[t])
-
-
+# No fastmath here: d * q rounds once, exactly as the reference dequantizer does.
 @njit(parallel=True, cache=True)
 def q8_rows(ids, codes, scale, block, out):  # noqa: ANN001, ANN201
     for t in prange(ids.shape[0]):
@@ -388,10 +238,7 @@ def _matmul_impl(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # 
     if codes.dtype == types.uint8:  # q4
 
         def q4(x, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202
-            if x.shape[0] <= FUSED_MAX_T:
-                q4_fused(x, codes, scale, offset, offset_mult, out)
-            else:
-                q4_tiled(x, codes, scale, offset, offset_mult, out)
+            q4_matmul(x, codes, scale, offset, offset_mult, out)
 
         return q4
     if codes.dtype == types.int8:  # q8: 32 weights per scale (Q8_0, Q5_0) or 16 (Q6_K)

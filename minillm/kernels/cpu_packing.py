@@ -2,9 +2,15 @@
 
 The kernels compute on quantized weights directly, so the repacked weight keeps (about) the
 bytes of the file: 4-bit codes stay 4-bit, fp16 block scales stay fp16 (decoded inside the
-kernel). Only the *arrangement* changes, from an array of structs (one 20-byte Q4_1 block after
-another) to a struct of arrays (all codes of a row together, all scales of a row together), so
-each kernel loop reads one plain array.
+kernel). Only the *arrangement* changes. A GGUF row is an array of structs (one 20-byte Q4_1
+block after another); here codes and scales become separate plain arrays, and the rows of a
+4-bit matrix are *interleaved* in panels of ``PANEL`` = 16 (llama.cpp's repacked "Q4_0_8x8"
+layouts use the same idea): byte j of block b of the panel's 16 rows lie side by side, so one
+load brings one weight column of 16 rows. The kernels (``cpu_q4``) compute the 16 rows' outputs
+at once in the lanes of one SIMD register, with no horizontal sums, and one decoded column
+serves every token of a batch. Rows are padded to a multiple of 16 with zero codes and scales
+(the padded outputs are never stored). int8 and float weights stay row-major (see
+``cpu_linear`` for why).
 
 Three kernel families cover every format:
 
@@ -18,6 +24,7 @@ Three kernel families cover every format:
   int8: exact, but 10 bits per weight instead of 6.56). Q5_0 and Q6_K are a
   widen-to-int8-at-load compromise: one kernel family fewer, at the cost of memory traffic.
 - ``float``: F32 as float32; F16 and BF16 stay 16-bit and are widened inside the kernel.
+  Row-major, not in panels: these are the small or unquantized models.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ FLOAT_FORMATS = ("F32", "F16", "BF16")
 class PackedWeight:
     """A (rows, cols) weight matrix laid out for one kernel family.
 
-    ``codes``: q4 uint8 (rows, cols/2); q8 int8 (rows, cols); float float32 or uint16 (rows, cols).
-    ``scale``/``offset``: per block (rows, cols/block), uint16 fp16 bits or float32; ``offset``
-    only for q4 (an empty array otherwise).
+    ``codes``: q4 uint8 (panels, cols/32, 16, PANEL), [p, b, j, r] = byte j of block b of row
+    PANEL * p + r; q8 int8 (rows, cols); float float32 or uint16 (rows, cols).
+    ``scale``/``offset``: per block, uint16 fp16 bits or float32: q4 (panels, cols/32, PANEL),
+    q8 (rows, cols/block); ``offset`` only for q4 (an empty array otherwise).
     """
 
     format: str  # the GGUF format it came from
@@ -70,6 +78,12 @@ class PackedWeight:
             self.is_bf16,
         )
 
+    @cached_property
+    def layer_args(self) -> tuple:
+        """(rows, *kernel_args): what the fused decode layer takes per weight (the codes'
+        shape does not tell the row count: q4 rows are padded to whole panels)."""
+        return (self.rows, *self.kernel_args)
+
     @property
     def nbytes(self) -> int:
         """Bytes a kernel streams to read the whole matrix once (Q4_0 shares scale/offset)."""
@@ -78,6 +92,34 @@ class PackedWeight:
 
 
 _EMPTY = np.zeros((0, 0), dtype=np.float32)
+PANEL = 16  # q4 rows interleaved together (cpu_q4.PANEL): one AVX-512 register of outputs
+
+
+def _panels(per_row: np.ndarray, rows: int) -> np.ndarray:
+    """(rows, blocks, ...) -> (panels, blocks, ..., PANEL): rows padded with zeros to a
+    multiple of PANEL, then each panel's rows moved to the last (fastest) axis."""
+    padded_rows = -(-rows // PANEL) * PANEL
+    padded = np.zeros((padded_rows, *per_row.shape[1:]), per_row.dtype)
+    padded[:rows] = per_row
+    split = padded.reshape(padded_rows // PANEL, PANEL, *per_row.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(split, 1, -1))
+
+
+def _q4_weight(
+    fmt: str,
+    rows: int,
+    cols: int,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray | None,
+    offset_mult: float,
+) -> PackedWeight:
+    """Row-major q4 arrays (codes (rows, cols/32, 16), scale/offset (rows, cols/32)) ->
+    the panel-interleaved PackedWeight. ``offset`` None: the offset is the scale (Q4_0)."""
+    scale_p = _panels(scale, rows)
+    offset_p = scale_p if offset is None else _panels(offset, rows)
+    return PackedWeight(fmt, "q4", rows, cols, _panels(codes, rows), scale_p, offset_p,
+                        offset_mult=offset_mult)  # fmt: skip
 
 
 def _f16_bits(field: np.ndarray) -> np.ndarray:
@@ -91,23 +133,11 @@ def _f16_values(field: np.ndarray) -> np.ndarray:
 
 def _pack_q4_0_1(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
     blocks = t.data.reshape(rows, cols // 32, -1)
+    scale = _f16_bits(blocks[:, :, 0:2])
     if t.format == "Q4_0":  # [d fp16][16 bytes of codes]; value = d * q - 8 * d
-        scale = _f16_bits(blocks[:, :, 0:2])
-        codes = blocks[:, :, 2:18]
-        return PackedWeight(
-            t.format,
-            "q4",
-            rows,
-            cols,
-            np.ascontiguousarray(codes).reshape(rows, -1),
-            scale,
-            scale,
-            offset_mult=-8.0,
-        )
-    scale = _f16_bits(blocks[:, :, 0:2])  # [d fp16][m fp16][16 bytes]; value = d * q + m
-    offset = _f16_bits(blocks[:, :, 2:4])
-    codes = np.ascontiguousarray(blocks[:, :, 4:20]).reshape(rows, -1)
-    return PackedWeight(t.format, "q4", rows, cols, codes, scale, offset)
+        return _q4_weight(t.format, rows, cols, blocks[:, :, 2:18], scale, None, -8.0)
+    offset = _f16_bits(blocks[:, :, 2:4])  # [d fp16][m fp16][16 bytes]; value = d * q + m
+    return _q4_weight(t.format, rows, cols, blocks[:, :, 4:20], scale, offset, 1.0)
 
 
 def _pack_q4_k(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
@@ -123,16 +153,8 @@ def _pack_q4_k(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
     groups = blocks[:, 16:].reshape(n, 4, 32)
     sub = np.stack([groups & 0x0F, groups >> 4], axis=2).reshape(n, 8, 32)  # (n, 8, 32) 0..15
     codes = (sub[:, :, :16] | (sub[:, :, 16:] << 4)).astype(np.uint8)  # Q4_1's nibble order
-    return PackedWeight(
-        t.format,
-        "q4",
-        rows,
-        cols,
-        codes.reshape(rows, cols // 2),
-        scale.reshape(rows, -1),
-        offset.reshape(rows, -1),
-        offset_mult=-1.0,
-    )
+    return _q4_weight(t.format, rows, cols, codes.reshape(rows, cols // 32, 16),
+                      scale.reshape(rows, -1), offset.reshape(rows, -1), -1.0)  # fmt: skip
 
 
 def _pack_q8_0(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
