@@ -59,9 +59,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The cpu backend's Numba kernels compile once (about a minute) into NUMBA_CACHE_DIR; doing it
-# here means no lesson, test or `minillm run` started from make pays it. Redone when they change.
+# here means no lesson, test or `minillm run` started from make pays it. Redone when they change,
+# from an empty cache: Numba revalidates a cached kernel by its own file only, so a kernel that
+# inlines an edited helper from another file would otherwise load stale machine code.
 $(NUMBA_WARM): $(STAMP) $(wildcard minillm/kernels/cpu*.py)
-	@mkdir -p $(NUMBA_CACHE_DIR)
+	@rm -rf $(NUMBA_CACHE_DIR) && mkdir -p $(NUMBA_CACHE_DIR)
 	@echo "compiling the Numba cpu kernels once (cached in $(NUMBA_CACHE_DIR))"
 	$(PY) -m minillm.kernels.warmup
 	@touch $@

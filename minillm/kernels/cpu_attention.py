@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from minillm.kernels.cpu_numerics import FASTMATH
+from minillm.kernels.cpu_numerics import FASTMATH, exp_f32
 
 
 @njit(cache=True)
@@ -40,12 +40,12 @@ def _check_tables(tables, lengths, num_blocks, block_size):  # noqa: ANN001, ANN
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _attend_one(q, k_cache, v_cache, table, length, kv_head, scale, out):  # noqa: ANN001, ANN202
-    """out (D,) = softmax(q . K[:length] * scale) @ V[:length] for one query head."""
+def _attend_one(q, k_cache, v_cache, table, length, kv_head, scale, out, scores, acc):  # noqa: ANN001, ANN202, PLR0913
+    """out (D,) = softmax(q . K[:length] * scale) @ V[:length] for one query head.
+    scores (block_size,) and acc (D,) are scratch space, reused across calls."""
     bs = k_cache.shape[1]
     d = q.shape[0]
-    scores = np.empty(bs, np.float32)
-    acc = np.zeros(d, np.float32)
+    acc[:] = 0
     run_max = -np.inf
     run_sum = np.float32(0)
     for i in range((length + bs - 1) // bs):
@@ -63,8 +63,10 @@ def _attend_one(q, k_cache, v_cache, table, length, kv_head, scale, out):  # noq
         run_sum *= rescale
         for j in range(d):
             acc[j] *= rescale
+        for s in range(n):  # the block's exps together: this loop vectorizes (np.exp would not)
+            scores[s] = exp_f32(scores[s] - np.float32(new_max))
         for s in range(n):
-            p = np.float32(np.exp(scores[s] - new_max))
+            p = scores[s]
             run_sum += p
             for j in range(d):
                 acc[j] += p * v_cache[blk, s, kv_head, j]
@@ -74,24 +76,29 @@ def _attend_one(q, k_cache, v_cache, table, length, kv_head, scale, out):  # noq
         out[j] = acc[j] * inv
 
 
+RUNS = 32  # paged_decode's work items: enough to balance the threads of most CPUs
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):  # noqa: ANN001, ANN201
-    """q (B, H, D): one new token per sequence; out (B, H, D). One thread item per query head."""
+    """q (B, H, D): one new token per sequence; out (B, H, D). The B x H query heads are split
+    into a few runs of consecutive heads (heads sharing a KV head read its blocks from cache),
+    and each run allocates its scratch space once."""
     b_rows, h_count = q.shape[0], q.shape[1]
     group = h_count // k_cache.shape[2]  # query heads per KV head (GQA)
     _check_tables(block_tables, context_lens, k_cache.shape[0], k_cache.shape[1])
-    for item in prange(b_rows * h_count):
-        b, h = item // h_count, item % h_count
-        _attend_one(
-            q[b, h],
-            k_cache,
-            v_cache,
-            block_tables[b],
-            context_lens[b],
-            h // group,
-            np.float32(scale),
-            out[b, h],
-        )
+    items = b_rows * h_count
+    runs = min(items, RUNS)
+    per_run = -(-items // runs)
+    for run in prange(runs):
+        scores = np.empty(k_cache.shape[1], np.float32)
+        acc = np.empty(q.shape[2], np.float32)
+        for item in range(run * per_run, min(items, run * per_run + per_run)):
+            b, h = item // h_count, item % h_count
+            _attend_one(
+                q[b, h], k_cache, v_cache, block_tables[b], context_lens[b], h // group,
+                np.float32(scale), out[b, h], scores, acc,
+            )  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -110,13 +117,9 @@ def paged_prefill(q, k_cache, v_cache, block_table, context_len, scale, out):  #
         # ranges prange gives each thread carry about the same work
         r, h = item // h_count, item % h_count
         i = r // 2 if r % 2 == 0 else n - 1 - r // 2
+        scores = np.empty(k_cache.shape[1], np.float32)
+        acc = np.empty(q.shape[2], np.float32)
         _attend_one(
-            q[i, h],
-            k_cache,
-            v_cache,
-            block_table,
-            context_len - n + i + 1,
-            h // group,
-            np.float32(scale),
-            out[i, h],
-        )
+            q[i, h], k_cache, v_cache, block_table, context_len - n + i + 1, h // group,
+            np.float32(scale), out[i, h], scores, acc,
+        )  # fmt: skip

@@ -4,9 +4,8 @@
 
 `make setup` runs this so that the first lesson, test or `minillm run` loads machine code in
 seconds instead of compiling for about a minute. One short generation reaches every kernel
-signature the engine uses: a prompt longer than the fused-loop limit (the tiled prefill
-kernels), single-sequence decode (the fused matvec, inside the one-call-per-layer decode
-of cpu_layer) and a small batch (batched decode).
+signature the engine uses: a long prompt (the many-token kernels of prefill), single-sequence
+decode (the matvecs, inside cpu_layer's one call per layer) and a small batch (batched decode).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ def warm_up(model: str = "smollm2") -> float:
     llm = LLM(model, backend="cpu", enable_prefix_caching=False)
     long_prompt = "Paged attention keeps the KV cache in fixed-size blocks. " * 4
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-    llm.generate([long_prompt], params)  # prefill (tiled) + decode (fused)
+    llm.generate([long_prompt], params)  # prefill + single-sequence decode
     llm.generate(["Hello", "Hi there"], params)  # a batch of two
     roofline.measure_bandwidth(1, megabytes=1, reps=1)  # lesson 04's two roofs
     roofline.measure_fma_peak(1, steps=10, reps=1)
