@@ -414,16 +414,24 @@ def test_tiny_hf_model_greedy_tokens_equal_ref(tmp_path, arch: str) -> None:  # 
     assert _greedy_tokens(str(folder), "cpu", 16) == _greedy_tokens(str(folder), "ref", 16)
 
 
-def _decode_both_ways(model_path: str, swap_after_first: bool = False) -> tuple:
-    """Three sequences prefilled into shuffled blocks, then one decode step of all three run
-    twice from the same cache: op by op, and fused (one compiled call per layer).
-    ``swap_after_first``: run the fused step once, then replace a weight of layer 0, so that
-    the comparison runs on the new weight (the fused path caches each layer's arrays)."""
+def _decode_both_ways(
+    model_path: str, swap_after_first: bool = False, sequences: int = 3, to_q4: bool = False
+) -> tuple:
+    """Three sequences prefilled into shuffled blocks, then one decode step of the first
+    ``sequences`` run twice from the same cache: op by op, and fused (one compiled call per
+    layer). ``swap_after_first``: run the fused step once, then replace a weight of layer 0, so
+    that the comparison runs on the new weight (the fused path caches each layer's arrays).
+    ``to_q4``: first requantize an F32 model's layer matrices to Q4_1."""
     from minillm.kv.cache import KVCache
     from minillm.loader import load_model
     from minillm.model.batch import ForwardBatch, PrefillChunk
 
     m = load_model(model_path, "cpu")
+    if to_q4:
+        for layer in m.model.layers:
+            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+                dense = getattr(layer, name).codes  # F32: the values themselves
+                setattr(layer, name, cpu.prepare_linear(quantize(dense, "Q4_1")))
     cfg, bs = m.config, 4
     cache = KVCache(cfg.num_layers, 12, bs, cfg.num_kv_heads, cfg.head_dim)
     tables = torch.tensor([[5, 1, 9, 0], [2, 7, 3, 11], [4, 10, 6, 8]])
@@ -436,10 +444,10 @@ def _decode_both_ways(model_path: str, swap_after_first: bool = False) -> tuple:
         batch = ForwardBatch(ids, torch.arange(n), slots, 0, none.reshape(0, 0), none, [chunk],
                              torch.tensor([n - 1]))  # fmt: skip
         tokens.append(int(m.model.forward(batch, cache.k, cache.v)[0].argmax()))
-    n = torch.tensor(lengths)
+    n, rows = torch.tensor(lengths)[:sequences], torch.arange(sequences)
     decode = ForwardBatch(
-        torch.tensor(tokens), n, tables[torch.arange(3), n // bs] * bs + n % bs, 3, tables,
-        n + 1, [], torch.arange(3),
+        torch.tensor(tokens[:sequences]), n, tables[rows, n // bs] * bs + n % bs, sequences,
+        tables[:sequences], n + 1, [], rows,
     )  # fmt: skip
     if swap_after_first:
         m.model.forward(decode, [c.clone() for c in cache.k], [c.clone() for c in cache.v])
@@ -453,14 +461,21 @@ def _decode_both_ways(model_path: str, swap_after_first: bool = False) -> tuple:
     return results
 
 
-@pytest.mark.parametrize("which", ["bundled", "tiny-qwen2"])
-def test_fused_decode_equals_op_by_op(which: str, bundled_gguf_path, tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("sequences", [1, 3])
+@pytest.mark.parametrize("which", ["bundled", "tiny-qwen2", "tiny-qwen2-q4"])
+def test_fused_decode_equals_op_by_op(
+    which: str, sequences: int, bundled_gguf_path, tmp_path
+) -> None:  # noqa: ANN001, E501
     """The fused layer runs the same kernels in the same order: logits and the K/V it writes
-    are bit-for-bit the op-by-op ones (bundled: Q4_1 + Q8_0; qwen2: F32 with q/k/v biases)."""
+    are bit-for-bit the op-by-op ones (bundled: Q4_1 + Q8_0; qwen2: F32 with q/k/v biases, and
+    requantized to Q4_1). One sequence of a q4 model takes the merged loops (q/k/v in one,
+    gate/up/silu in another), which must give the same bits as the separate kernels."""
     from minillm.testing import make_tiny_model
 
     path = bundled_gguf_path if which == "bundled" else make_tiny_model(tmp_path, arch="qwen2")
-    (want, want_k, want_v), (got, got_k, got_v) = _decode_both_ways(str(path))
+    (want, want_k, want_v), (got, got_k, got_v) = _decode_both_ways(
+        str(path), sequences=sequences, to_q4=which.endswith("q4")
+    )
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_k + got_v, want_k + want_v, strict=True))
 
