@@ -11,9 +11,9 @@ builds up in its own lane; no horizontal sums are needed at the end, and the out
   the weight bytes: the block scale is taken out of the sum (d * sum(q x) + m * sum(x)), and
   several partial sums per panel hide the ~4-cycle latency of each fused multiply-add.
 - ``q4_panels`` (several tokens: batched decode, prefill). A decoded weight column is reused
-  for 8 tokens: 8 FMAs per column for a few decoding instructions. The 8 x 16 accumulators
-  live in 8 SIMD registers. x is regrouped once, 8 tokens side by side per feature, and
-  64 tokens at a time so that they stay in L2 while every panel passes over them.
+  for 8 tokens: 8 FMAs per column for a few decoding instructions, two panels at a time; the
+  8 x 32 accumulators live in 16 SIMD registers. x is regrouped once, 8 tokens side by side
+  per feature, and taken 64 tokens at a time so that they stay in L2 while every panel passes.
 
 Accumulators are fixed-size stack arrays indexed by constants (``lanes``): LLVM keeps them in
 registers. A heap array (np.zeros) would stay in memory, because LLVM cannot prove it does not
@@ -36,7 +36,7 @@ from minillm.kernels.cpu_numerics import (
 from minillm.kernels.cpu_pointwise import silu_times
 
 PANEL = 16  # rows per panel, as cpu_packing lays them out
-TOKENS = 8  # tokens per pass of q4_panels: 8 x 16 accumulators = 8 AVX-512 registers
+TOKENS = 8  # tokens per pass of q4_panels: 8 x 2 panels of accumulators = 16 AVX-512 registers
 GROUPS_IN_L2 = 8  # 64 tokens of x (64 x 1536 x 4 bytes = 393 KB at most) are reused from L2
 PREFETCH_AHEAD = 4096  # bytes: the hardware prefetcher alone left decode waiting on memory
 
@@ -56,11 +56,6 @@ def _store_panel(acc, out, t, p):  # noqa: ANN001, ANN202
     n0 = p * PANEL
     for r in range(min(PANEL, out.shape[1] - n0)):
         out[t, n0 + r] = acc[r]
-
-
-@njit(inline="always", cache=True)
-def _eight(v):  # noqa: ANN001, ANN202
-    return v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
 
 
 @njit(inline="always", cache=True)
@@ -179,36 +174,39 @@ def q4_swiglu_matvec(x, w_gate, w_up, out):  # noqa: ANN001, ANN201
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q4_panels(xg, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
     """xg (G, K, TOKENS): x in groups of 8 tokens, xg[g, k, i] = x[8g + i, k] (zeros past T);
-    codes (P, K/32, 16, 16) uint8; scale/offset (P, K/32, 16); out (T, N), T <= 8G."""
+    codes (P, K/32, 16, 16) uint8; scale/offset (P, K/32, 16); out (T, N), T <= 8G.
+
+    Two panels at a time: each x value, broadcast once, multiplies both panels' columns, so
+    a step is 32 multiply-adds per 16 x loads instead of 16 per 16 (1.2x faster at T = 16).
+    """
     t_rows = out.shape[0]
     n_groups, n_panels, nb = xg.shape[0], codes.shape[0], codes.shape[1]
     mult = np.float32(offset_mult)
     for g0 in range(0, n_groups, GROUPS_IN_L2):  # x of these groups stays in L2 across panels
-        for p in prange(n_panels):
-            d, m = lanes(PANEL), lanes(PANEL)
+        for pair in prange((n_panels + 1) // 2):
+            p, q = 2 * pair, min(2 * pair + 1, n_panels - 1)  # q = p: an odd panel count's last
+            d, m = lanes(32), lanes(32)  # [r]: panel p's row r, [16 + r]: panel q's
             for g in range(g0, min(g0 + GROUPS_IN_L2, n_groups)):
-                acc = lanes(128)  # acc[16 i + r]: token 8g + i, row 16p + r
+                acc = lanes(256)  # [16 i + r]: token 8g + i, panel p; [128 + 16 i + r]: panel q
                 for b in range(nb):
                     for r in range(PANEL):
                         d[r], m[r] = as_float(scale[p, b, r]), mult * as_float(offset[p, b, r])
+                        d[16 + r] = as_float(scale[q, b, r])
+                        m[16 + r] = mult * as_float(offset[q, b, r])
                     for j in range(16):
-                        lo, hi = xg[g, b * 32 + j], xg[g, b * 32 + 16 + j]  # x of w_j, w_j+16
-                        lo0, lo1, lo2, lo3, lo4, lo5, lo6, lo7 = _eight(lo)
-                        hi0, hi1, hi2, hi3, hi4, hi5, hi6, hi7 = _eight(hi)
-                        for r in range(PANEL):  # one SIMD register: 16 rows' w_j and w_j+16
-                            q = codes[p, b, j, r]
-                            w_lo = d[r] * nibble_lo(q) + m[r]
-                            w_hi = d[r] * nibble_hi(q) + m[r]
-                            acc[r] += lo0 * w_lo + hi0 * w_hi
-                            acc[16 + r] += lo1 * w_lo + hi1 * w_hi
-                            acc[32 + r] += lo2 * w_lo + hi2 * w_hi
-                            acc[48 + r] += lo3 * w_lo + hi3 * w_hi
-                            acc[64 + r] += lo4 * w_lo + hi4 * w_hi
-                            acc[80 + r] += lo5 * w_lo + hi5 * w_hi
-                            acc[96 + r] += lo6 * w_lo + hi6 * w_hi
-                            acc[112 + r] += lo7 * w_lo + hi7 * w_hi
+                        x_lo, x_hi = xg[g, b * 32 + j], xg[g, b * 32 + 16 + j]  # 8 tokens each
+                        for r in range(PANEL):  # one SIMD register: 16 rows' weights
+                            cp, cq = codes[p, b, j, r], codes[q, b, j, r]
+                            p_lo, p_hi = d[r] * nibble_lo(cp) + m[r], d[r] * nibble_hi(cp) + m[r]
+                            q_lo = d[16 + r] * nibble_lo(cq) + m[16 + r]
+                            q_hi = d[16 + r] * nibble_hi(cq) + m[16 + r]
+                            for i in range(TOKENS):  # unrolled: 16 accumulator registers
+                                acc[16 * i + r] += x_lo[i] * p_lo + x_hi[i] * p_hi
+                                acc[128 + 16 * i + r] += x_lo[i] * q_lo + x_hi[i] * q_hi
                 for i in range(min(TOKENS, t_rows - TOKENS * g)):
                     _store_panel(acc[16 * i :], out, TOKENS * g + i, p)
+                    if q != p:
+                        _store_panel(acc[128 + 16 * i :], out, TOKENS * g + i, q)
 
 
 # ----------------------------------------------------------------------------- dispatch
