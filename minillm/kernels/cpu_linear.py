@@ -44,7 +44,7 @@ from minillm.kernels.cpu_q4 import PREFETCH_AHEAD, q4_matmul
 
 FUSED_MAX_T = 8  # up to this many tokens the fused loop wins; beyond, decoding once does
 _CHUNK = 16  # rows per thread work item: small enough to balance threads, big enough to reuse
-_ROWS = 4  # rows decoded together in the tiled loop (2 tokens x 4 rows = 8 accumulators)
+_ROWS = 4  # rows decoded together in the tiled loop (4 tokens x 4 rows = 16 accumulators)
 
 
 # ----------------------------------------------------------------------------- fused: q8
