@@ -468,8 +468,7 @@ def test_fused_decode_equals_op_by_op(
 ) -> None:  # noqa: ANN001, E501
     """The fused layer runs the same kernels in the same order: logits and the K/V it writes
     are bit-for-bit the op-by-op ones (bundled: Q4_1 + Q8_0; qwen2: F32 with q/k/v biases, and
-    requantized to Q4_1). One sequence of a q4 model takes the merged loops (q/k/v in one,
-    gate/up/silu in another), which must give the same bits as the separate kernels."""
+    requantized to Q4_1), for one sequence (the matvecs) and for three (the token loops)."""
     from minillm.testing import make_tiny_model
 
     path = bundled_gguf_path if which == "bundled" else make_tiny_model(tmp_path, arch="qwen2")

@@ -8,9 +8,9 @@ each) by capturing the decode forward once as a CUDA graph and replaying it. Her
 kernels, in the same order as ``model/llama.py``, are composed inside one Numba function, so
 Python is crossed once per layer and the result is bit-for-bit the op-by-op one (tested).
 
-Inside, a single-sequence step of a q4 model also merges parallel loops: q, k and v run as one
-(``cpu_q4.q4_matvec3``), gate, up and silu as another (``q4_swiglu_matvec``), since each
-parallel loop costs a few microseconds to start on every step (see ``cpu_q4``).
+Merging more was tried and measured: q, k and v as one parallel loop, and gate, up and silu as
+another, saved ~3 us per loop start in isolation, but made single-stream decode ~8% slower in
+the engine (5 alternating runs each), so every matrix keeps its own loop.
 
 Only decode-only batches (one new token per sequence) take this path; a batch with prefill
 chunks runs op by op (its attention is per chunk, and its kernels are long enough that the
@@ -20,13 +20,11 @@ calls around them do not matter).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
 from minillm.kernels.cpu_attention import paged_decode, store_kv_slots
 from minillm.kernels.cpu_linear import matmul
 from minillm.kernels.cpu_pointwise import rms_norm_rows, rope_heads, silu_mul_rows
-from minillm.kernels.cpu_q4 import q4_matvec3, q4_swiglu_matvec
 
 
 @njit(inline="always", cache=True)
@@ -37,73 +35,6 @@ def _project(h, w, bias):  # noqa: ANN001, ANN202
     if bias.shape[0]:
         out += bias
     return out
-
-
-def _all_q4(*weights: types.Type) -> bool:
-    """Whether every layer_args tuple holds a q4 matrix (uint8 codes): known at compile time."""
-    return all(w.types[1].dtype == types.uint8 for w in weights)
-
-
-@njit(inline="always", cache=True)
-def _qkv_separately(h, wq, wk, wv, bq, bk, bv):  # noqa: ANN001, ANN202
-    return _project(h, wq, bq), _project(h, wk, bk), _project(h, wv, bv)
-
-
-def project_qkv(h, wq, wk, wv, bq, bk, bv):  # noqa: ANN001, ANN201
-    """(q, k, v) = the three projections of h; Numba code only (the overload below)."""
-    raise NotImplementedError("only callable from Numba code")
-
-
-@overload(project_qkv, inline="always")
-def _project_qkv_impl(h, wq, wk, wv, bq, bk, bv):  # noqa: ANN001, ANN202
-    if not _all_q4(wq, wk, wv):
-        return lambda h, wq, wk, wv, bq, bk, bv: _qkv_separately(h, wq, wk, wv, bq, bk, bv)
-
-    def one_loop(h, wq, wk, wv, bq, bk, bv):  # noqa: ANN001, ANN202
-        if h.shape[0] != 1:  # a batch: the token-group kernels, one call per matrix
-            return _qkv_separately(h, wq, wk, wv, bq, bk, bv)
-        q = np.empty((1, wq[0]), np.float32)
-        k = np.empty((1, wk[0]), np.float32)
-        v = np.empty((1, wv[0]), np.float32)
-        q4_matvec3(h, wq[1:5], wk[1:5], wv[1:5], q, k, v)
-        if bq.shape[0]:  # as _project adds them
-            q += bq
-        if bk.shape[0]:
-            k += bk
-        if bv.shape[0]:
-            v += bv
-        return q, k, v
-
-    return one_loop
-
-
-@njit(inline="always", cache=True)
-def _swiglu_separately(h, w_gate, w_up):  # noqa: ANN001, ANN202
-    no_bias = np.empty(0, np.float32)
-    gate, up = _project(h, w_gate, no_bias), _project(h, w_up, no_bias)
-    act = np.empty_like(gate)
-    silu_mul_rows(gate, up, act)
-    return act
-
-
-def swiglu(h, w_gate, w_up):  # noqa: ANN001, ANN201
-    """silu(h @ W_gate.T) * (h @ W_up.T); Numba code only (the overload below)."""
-    raise NotImplementedError("only callable from Numba code")
-
-
-@overload(swiglu, inline="always")
-def _swiglu_impl(h, w_gate, w_up):  # noqa: ANN001, ANN202
-    if not _all_q4(w_gate, w_up):
-        return lambda h, w_gate, w_up: _swiglu_separately(h, w_gate, w_up)
-
-    def one_loop(h, w_gate, w_up):  # noqa: ANN001, ANN202
-        if h.shape[0] != 1:
-            return _swiglu_separately(h, w_gate, w_up)
-        act = np.empty((1, w_gate[0]), np.float32)
-        q4_swiglu_matvec(h, w_gate[1:5], w_up[1:5], act)
-        return act
-
-    return one_loop
 
 
 @njit(cache=True)
@@ -138,10 +69,9 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
     # ---- attention block: x + Wo . attn(rope(Wq.h), rope(Wk.h), Wv.h), h = norm(x)
     h = np.empty_like(x)
     rms_norm_rows(x, attn_norm, eps, h)
-    q2, k2, v2 = project_qkv(h, wq, wk, wv, bq, bk, bv)
-    q = q2.reshape(b, num_heads, head_dim)
-    k = k2.reshape(b, kv_heads, head_dim)
-    v = v2.reshape(b, kv_heads, head_dim)
+    q = _project(h, wq, bq).reshape(b, num_heads, head_dim)
+    k = _project(h, wk, bk).reshape(b, kv_heads, head_dim)
+    v = _project(h, wv, bv).reshape(b, kv_heads, head_dim)
     q_rot, k_rot = np.empty_like(q), np.empty_like(k)
     rope_heads(q, cos, sin, q_rot)
     rope_heads(k, cos, sin, k_rot)
@@ -151,4 +81,7 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
     x += _project(attn.reshape(b, num_heads * head_dim), wo, no_bias)
     # ---- feed-forward block (SwiGLU): x + W_down . (silu(W_gate.h) * W_up.h)
     rms_norm_rows(x, ffn_norm, eps, h)
-    x += _project(swiglu(h, w_gate, w_up), w_down, no_bias)
+    gate, up = _project(h, w_gate, no_bias), _project(h, w_up, no_bias)
+    act = np.empty_like(gate)
+    silu_mul_rows(gate, up, act)
+    x += _project(act, w_down, no_bias)

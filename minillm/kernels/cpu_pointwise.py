@@ -38,15 +38,10 @@ def rope_heads(x, cos, sin, out):  # noqa: ANN001, ANN202
                 out[t, h, half + i] = x2 * c + x1 * s
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def silu_times(g, u):  # noqa: ANN001, ANN202
-    """silu(g) * u = g * sigmoid(g) * u; exp_f32, not np.exp, so that loops over it vectorize."""
-    return g / (np.float32(1) + exp_f32(-g)) * u
-
-
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def silu_mul_rows(gate, up, out):  # noqa: ANN001, ANN202
-    """out (T, f) = silu(gate) * up."""
+    """out (T, f) = silu(gate) * up; exp_f32, not np.exp, so that the loop vectorizes."""
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
-            out[t, i] = silu_times(gate[t, i], up[t, i])
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1) + exp_f32(-g)) * up[t, i]

@@ -33,7 +33,6 @@ from minillm.kernels.cpu_numerics import (
     nibble_lo,
     prefetch_range,
 )
-from minillm.kernels.cpu_pointwise import silu_times
 
 PANEL = 16  # rows per panel, as cpu_packing lays them out
 TOKENS = 8  # tokens per pass of q4_panels: 8 x 2 panels of accumulators = 16 AVX-512 registers
@@ -73,102 +72,43 @@ def _group_tokens(x):  # noqa: ANN001, ANN202
 ONE_BY_ONE_BELOW = TOKENS // 2
 
 
-# ----------------------------------------------------------------------------- q4, one token
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _x_sums(x, nb, offset_mult):  # noqa: ANN001, ANN202
-    """Each block's offset coefficient for token 0 of x: offset_mult * sum of its 32 values."""
+# ----------------------------------------------------------------------------- q4
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q4_matvec(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
+    """x (1, K) float32; codes (P, K/32, 16, 16) uint8; scale/offset (P, K/32, 16); out (1, N).
+    Eight partial sums per block (four codes x low and high nibble)."""
+    n_panels, nb = codes.shape[0], codes.shape[1]
     mult = np.float32(offset_mult)
-    x_sum = np.empty(nb, np.float32)
+    x_sum = np.empty(nb, np.float32)  # the block offset's coefficient: mult * sum of x
     for b in range(nb):
         s = np.float32(0)
         for j in range(32):
             s += x[0, b * 32 + j]
         x_sum[b] = mult * s
-    return x_sum
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _panel_dot(x, x_sum, codes, scale, offset, p):  # noqa: ANN001, ANN202
-    """The 16 outputs of panel p for token 0 of x, in a stack array (the caller inlines it):
-    eight partial sums per block (four codes x low and high nibble), scaled once per block."""
-    acc = lanes(16)
-    for b in range(codes.shape[1]):
-        part = lanes(128)  # 8 partial sums of the block, 16 rows each
-        for j in range(0, 16, 4):
-            k = b * 32 + j
+    flat, panel_bytes = codes.reshape(-1), nb * 16 * PANEL
+    for p in prange(n_panels):
+        prefetch_range(flat, p * panel_bytes + PREFETCH_AHEAD, panel_bytes)
+        acc = lanes(16)
+        for b in range(nb):
+            part = lanes(128)  # 8 partial sums of the block, 16 rows each
+            for j in range(0, 16, 4):
+                k = b * 32 + j
+                for r in range(PANEL):
+                    q0, q1 = codes[p, b, j, r], codes[p, b, j + 1, r]
+                    q2, q3 = codes[p, b, j + 2, r], codes[p, b, j + 3, r]
+                    part[r] += x[0, k] * nibble_lo(q0)
+                    part[16 + r] += x[0, k + 1] * nibble_lo(q1)
+                    part[32 + r] += x[0, k + 2] * nibble_lo(q2)
+                    part[48 + r] += x[0, k + 3] * nibble_lo(q3)
+                    part[64 + r] += x[0, k + 16] * nibble_hi(q0)
+                    part[80 + r] += x[0, k + 17] * nibble_hi(q1)
+                    part[96 + r] += x[0, k + 18] * nibble_hi(q2)
+                    part[112 + r] += x[0, k + 19] * nibble_hi(q3)
             for r in range(PANEL):
-                q0, q1 = codes[p, b, j, r], codes[p, b, j + 1, r]
-                q2, q3 = codes[p, b, j + 2, r], codes[p, b, j + 3, r]
-                part[r] += x[0, k] * nibble_lo(q0)
-                part[16 + r] += x[0, k + 1] * nibble_lo(q1)
-                part[32 + r] += x[0, k + 2] * nibble_lo(q2)
-                part[48 + r] += x[0, k + 3] * nibble_lo(q3)
-                part[64 + r] += x[0, k + 16] * nibble_hi(q0)
-                part[80 + r] += x[0, k + 17] * nibble_hi(q1)
-                part[96 + r] += x[0, k + 18] * nibble_hi(q2)
-                part[112 + r] += x[0, k + 19] * nibble_hi(q3)
-        for r in range(PANEL):
-            s = (part[r] + part[16 + r]) + (part[32 + r] + part[48 + r])
-            s += (part[64 + r] + part[80 + r]) + (part[96 + r] + part[112 + r])
-            acc[r] += as_float(scale[p, b, r]) * s + as_float(offset[p, b, r]) * x_sum[b]
-    return acc
-
-
-@njit(inline="always", cache=True)
-def _prefetch_panel(codes, p):  # noqa: ANN001, ANN202
-    panel_bytes = codes.shape[1] * 16 * PANEL
-    prefetch_range(codes.reshape(-1), p * panel_bytes + PREFETCH_AHEAD, panel_bytes)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q4_matvec(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """x (1, K) float32; codes (P, K/32, 16, 16) uint8; scale/offset (P, K/32, 16); out (1, N)."""
-    x_sum = _x_sums(x, codes.shape[1], offset_mult)
-    for p in prange(codes.shape[0]):
-        _prefetch_panel(codes, p)
-        _store_panel(_panel_dot(x, x_sum, codes, scale, offset, p), out, 0, p)
-
-
-# One parallel region costs ~3 us on 2 threads (waking the other thread, then waiting for it),
-# about a third of a small matvec. A decode step had ~270 of them. vLLM merges the q, k and v
-# projections into one matrix (QKVParallelLinear) and gate with up (MergedColumnParallelLinear)
-# for the same reason; here the panels of the matrices share one parallel loop instead, with the
-# same per-panel code, so the results are bit-for-bit those of separate q4_matvec calls.
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q4_matvec3(x, wa, wb, wc, out_a, out_b, out_c):  # noqa: ANN001, ANN201
-    """Three q4_matvec calls (q, k and v) in one parallel loop. w*: (codes, scale, offset,
-    offset_mult) of a q4 PackedWeight, all with K columns; out_*: (1, rows)."""
-    sum_a = _x_sums(x, wa[0].shape[1], wa[3])
-    sum_b = _x_sums(x, wb[0].shape[1], wb[3])
-    sum_c = _x_sums(x, wc[0].shape[1], wc[3])
-    pa, pb = wa[0].shape[0], wb[0].shape[0]
-    for p in prange(pa + pb + wc[0].shape[0]):
-        if p < pa:
-            _prefetch_panel(wa[0], p)
-            _store_panel(_panel_dot(x, sum_a, wa[0], wa[1], wa[2], p), out_a, 0, p)
-        elif p < pa + pb:
-            _prefetch_panel(wb[0], p - pa)
-            _store_panel(_panel_dot(x, sum_b, wb[0], wb[1], wb[2], p - pa), out_b, 0, p - pa)
-        else:
-            _prefetch_panel(wc[0], p - pa - pb)
-            q = p - pa - pb
-            _store_panel(_panel_dot(x, sum_c, wc[0], wc[1], wc[2], q), out_c, 0, q)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def q4_swiglu_matvec(x, w_gate, w_up, out):  # noqa: ANN001, ANN201
-    """out (1, F) = silu(x @ W_gate.T) * (x @ W_up.T) in one parallel loop: each panel's 16 gate
-    and 16 up outputs are computed together and combined as cpu_pointwise.silu_mul_rows does."""
-    sum_g = _x_sums(x, w_gate[0].shape[1], w_gate[3])
-    sum_u = _x_sums(x, w_up[0].shape[1], w_up[3])
-    for p in prange(w_gate[0].shape[0]):
-        _prefetch_panel(w_gate[0], p)
-        _prefetch_panel(w_up[0], p)
-        g = _panel_dot(x, sum_g, w_gate[0], w_gate[1], w_gate[2], p)
-        u = _panel_dot(x, sum_u, w_up[0], w_up[1], w_up[2], p)
-        for r in range(PANEL):
-            g[r] = silu_times(g[r], u[r])
-        _store_panel(g, out, 0, p)
+                s = (part[r] + part[16 + r]) + (part[32 + r] + part[48 + r])
+                s += (part[64 + r] + part[80 + r]) + (part[96 + r] + part[112 + r])
+                acc[r] += as_float(scale[p, b, r]) * s + as_float(offset[p, b, r]) * x_sum[b]
+        _store_panel(acc, out, 0, p)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
