@@ -27,15 +27,14 @@ double precision and gives up vectorizing.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 from minillm.kernels.cpu_numerics import (
     FASTMATH,
-    _stack_alloc,
     as_float,
     int8_to_float,
-    lanes32,
+    lanes,
     lanes_sum,
     prefetch_range,
     widen,
@@ -51,7 +50,7 @@ _ROWS = 4  # rows decoded together in the tiled loop (4 tokens x 4 rows = 16 acc
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _q8_dot(x, codes, scale, n, t):  # noqa: ANN001, ANN202
     """Row n of a Q8_0 matrix times token t of x, alone (the unpaired leftovers)."""
-    acc = lanes32()
+    acc = lanes(32)
     for b in range(scale.shape[1]):
         d = as_float(scale[n, b])
         for j in range(32):
@@ -71,7 +70,7 @@ def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
         if t_rows == 1:
             for n in range(n0, n1 - 1, 2):
                 prefetch_range(flat, n * row_bytes + PREFETCH_AHEAD, 2 * row_bytes)
-                a0, a1 = lanes32(), lanes32()
+                a0, a1 = lanes(32), lanes(32)
                 for b in range(nb):
                     d0, d1 = as_float(scale[n, b]), as_float(scale[n + 1, b])
                     for j in range(32):
@@ -85,7 +84,7 @@ def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
         else:
             for t in range(0, t_rows - 1, 2):
                 for n in range(n0, n1):
-                    a0, a1 = lanes32(), lanes32()
+                    a0, a1 = lanes(32), lanes(32)
                     for b in range(nb):
                         d = as_float(scale[n, b])
                         for j in range(32):
@@ -104,7 +103,7 @@ def q8_16_matvec(x, codes, scale, out):  # noqa: ANN001, ANN201
     """One token, one scale per 16 int8 weights (Q6_K): x (K,), scale (N, K/16), out (N,)."""
     n_rows, nb = scale.shape
     for n in prange(n_rows):
-        acc = lanes32()
+        acc = lanes(32)
         for c in range(nb // 2):
             d_lo, d_hi = as_float(scale[n, 2 * c]), as_float(scale[n, 2 * c + 1])
             for j in range(16):
@@ -148,7 +147,7 @@ def _tile_times_x(x, w, n0, nr, out):  # noqa: ANN001, ANN202
     t_rows, k = x.shape
     t = 0
     while t + 3 < t_rows:
-        acc = lanes16()  # acc[4 * token + row]
+        acc = lanes(16)  # acc[4 * token + row]
         for i in range(k):
             w0, w1, w2, w3 = w[0, i], w[1, i], w[2, i], w[3, i]
             for j in range(4):
@@ -170,15 +169,6 @@ def _tile_times_x(x, w, n0, nr, out):  # noqa: ANN001, ANN202
             a3 += x0 * w[3, i]
         _store4(out, t, n0, nr, a0, a1, a2, a3)
         t += 1
-
-
-@njit(inline="always", cache=True)
-def lanes16():  # noqa: ANN201
-    """16 float32 accumulators on the stack, zeroed (registers: see cpu_numerics.lanes32)."""
-    acc = carray(_stack_alloc(16, np.float32), 16)
-    for j in range(16):
-        acc[j] = 0
-    return acc
 
 
 @njit(inline="always", cache=True)

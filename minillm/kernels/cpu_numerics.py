@@ -214,15 +214,15 @@ def _stack_alloc(typingctx, size, dtype):  # noqa: ANN001, ANN201 - Numba intrin
 
 
 @njit(inline="always", cache=True)
-def lanes32():  # noqa: ANN201
-    """32 float32 accumulators on the stack, zeroed.
+def lanes(n):  # noqa: ANN001, ANN201 - n must be a literal
+    """n float32 accumulators on the stack, zeroed.
 
     A heap array (np.zeros) would live in memory: LLVM cannot prove that it does not alias the
     weights, so every update would load and store it. A fixed-size stack array accessed at
-    constant offsets is promoted to SIMD registers (2 AVX-512 registers, or 4 AVX2 ones).
+    constant offsets is promoted to SIMD registers (32 floats: 2 AVX-512 registers, or 4 AVX2).
     """
-    acc = carray(_stack_alloc(32, np.float32), 32)
-    for j in range(32):
+    acc = carray(_stack_alloc(n, np.float32), n)
+    for j in range(n):
         acc[j] = 0
     return acc
 

@@ -92,7 +92,7 @@ class PackedWeight:
 
 
 _EMPTY = np.zeros((0, 0), dtype=np.float32)
-PANEL = 16  # q4 rows interleaved together (cpu_q4.PANEL): one AVX-512 register of outputs
+PANEL = 16  # q4 rows interleaved together: 16 float32 outputs fill one AVX-512 register
 
 
 def _panels(per_row: np.ndarray, rows: int) -> np.ndarray:

@@ -23,30 +23,21 @@ overlap the weights.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import njit, prange
 
 from minillm.kernels.cpu_numerics import (
     FASTMATH,
-    _stack_alloc,
     as_float,
+    lanes,
     nibble_hi,
     nibble_lo,
     prefetch_range,
 )
+from minillm.kernels.cpu_packing import PANEL  # rows per panel, as the packing lays them out
 
-PANEL = 16  # rows per panel, as cpu_packing lays them out
 TOKENS = 8  # tokens per pass of q4_panels: 8 x 2 panels of accumulators = 16 AVX-512 registers
 GROUPS_IN_L2 = 8  # 64 tokens of x (64 x 1536 x 4 bytes = 393 KB at most) are reused from L2
 PREFETCH_AHEAD = 4096  # bytes: the hardware prefetcher alone left decode waiting on memory
-
-
-@njit(inline="always", cache=True)
-def lanes(n):  # noqa: ANN001, ANN201 - n must be a literal
-    """n float32 accumulators on the stack, zeroed (see the module docstring)."""
-    acc = carray(_stack_alloc(n, np.float32), n)
-    for i in range(n):
-        acc[i] = 0
-    return acc
 
 
 @njit(inline="always", cache=True)

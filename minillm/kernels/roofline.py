@@ -15,7 +15,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from minillm.kernels.cpu_numerics import FASTMATH, lanes32
+from minillm.kernels.cpu_numerics import FASTMATH, lanes
 
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
@@ -33,8 +33,8 @@ def fma_chains(steps, out):  # noqa: ANN001, ANN201
     summed. 12 AVX-512 registers of independent chains hide the FMA latency; nothing is
     read from memory inside the loop. The result is used, so LLVM cannot drop the loop."""
     for c in prange(out.shape[0]):
-        a0, a1, a2 = lanes32(), lanes32(), lanes32()
-        a3, a4, a5 = lanes32(), lanes32(), lanes32()
+        a0, a1, a2 = lanes(32), lanes(32), lanes(32)
+        a3, a4, a5 = lanes(32), lanes(32), lanes(32)
         m, e = np.float32(0.999999), np.float32(1e-7) * np.float32(c + 1)
         for _ in range(steps):
             for lane in range(32):
