@@ -465,10 +465,10 @@ def _decode_both_ways(
 @pytest.mark.parametrize("which", ["bundled", "tiny-qwen2", "tiny-qwen2-q4"])
 def test_fused_decode_equals_op_by_op(
     which: str, sequences: int, bundled_gguf_path, tmp_path
-) -> None:  # noqa: ANN001, E501
+) -> None:  # noqa: ANN001
     """The fused layer runs the same kernels in the same order: logits and the K/V it writes
     are bit-for-bit the op-by-op ones (bundled: Q4_1 + Q8_0; qwen2: F32 with q/k/v biases, and
-    requantized to Q4_1), for one sequence (the matvecs) and for three (the token loops)."""
+    requantized to Q4_1), for one sequence and for three."""
     from minillm.testing import make_tiny_model
 
     path = bundled_gguf_path if which == "bundled" else make_tiny_model(tmp_path, arch="qwen2")

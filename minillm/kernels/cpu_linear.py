@@ -13,7 +13,7 @@ loop shapes (``matmul`` picks the kernel family from the codes' dtype, and the l
   Per block the codes are converted and multiplied by x into 32 float32 lanes per token that
   live in SIMD registers across blocks; the block scale multiplies in place.
 - tiled (larger T: prefill): a chunk's rows are decoded to float32 once (a few KB) and
-  multiplied with all T rows of x, 2 tokens x 4 rows per step - a small register-blocked GEMM.
+  multiplied with all T rows of x, 4 tokens x 4 rows per step - a small register-blocked GEMM.
 
 Why q8 is not in panels too: it was tried. For many tokens the panel kernel was faster (the
 49152-row Q8_0 lm_head at T = 16: 2.9 ms instead of 4.8), but for one token it read the
@@ -32,6 +32,7 @@ from numba.extending import overload
 
 from minillm.kernels.cpu_numerics import (
     FASTMATH,
+    PREFETCH_AHEAD,
     as_float,
     int8_to_float,
     lanes,
@@ -39,7 +40,7 @@ from minillm.kernels.cpu_numerics import (
     prefetch_range,
     widen,
 )
-from minillm.kernels.cpu_q4 import PREFETCH_AHEAD, q4_matmul
+from minillm.kernels.cpu_q4 import q4_matmul
 
 FUSED_MAX_T = 8  # up to this many tokens the fused loop wins; beyond, decoding once does
 _CHUNK = 16  # rows per thread work item: small enough to balance threads, big enough to reuse
@@ -61,7 +62,8 @@ def _q8_dot(x, codes, scale, n, t):  # noqa: ANN001, ANN202
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K) int8; scale (N, K/32) (Q8_0); out (T, N).
-    Pairs of (row, token) per pass, as in q4_fused: two rows for T = 1, two tokens otherwise."""
+    Pairs of (row, token) per pass, two independent accumulator chains: two rows for T = 1 (they
+    share the x loads), two tokens otherwise (they share the decoded codes)."""
     t_rows = x.shape[0]
     n_rows, nb = scale.shape
     flat, row_bytes = codes.reshape(-1), codes.shape[1]  # for prefetching

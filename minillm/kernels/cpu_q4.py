@@ -27,6 +27,7 @@ from numba import njit, prange
 
 from minillm.kernels.cpu_numerics import (
     FASTMATH,
+    PREFETCH_AHEAD,
     as_float,
     lanes,
     nibble_hi,
@@ -37,7 +38,6 @@ from minillm.kernels.cpu_packing import PANEL  # rows per panel, as the packing 
 
 TOKENS = 8  # tokens per pass of q4_panels: 8 x 2 panels of accumulators = 16 AVX-512 registers
 GROUPS_IN_L2 = 8  # 64 tokens of x (64 x 1536 x 4 bytes = 393 KB at most) are reused from L2
-PREFETCH_AHEAD = 4096  # bytes: the hardware prefetcher alone left decode waiting on memory
 
 
 @njit(inline="always", cache=True)
