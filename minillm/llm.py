@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from minillm.engine.llm_engine import EngineConfig, LLMEngine
-from minillm.engine.outputs import CompletionOutput, RequestOutput
+from minillm.engine.outputs import RequestOutput
 from minillm.loader import load_model
-from minillm.sampling import SamplingParams
+from minillm.sampling import RequestOutputKind, SamplingParams
 
 Messages = list[dict[str, Any]]
 
@@ -74,7 +75,10 @@ class LLM:
         """Run every prompt to completion (batched); outputs in the order of the prompts."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = self._params_list(sampling_params, len(prompts))
+        params = [
+            _with_kind(p, RequestOutputKind.FINAL_ONLY)
+            for p in self._params_list(sampling_params, len(prompts))
+        ]
         ids = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
@@ -115,29 +119,14 @@ class LLM:
         if params.n != 1:
             raise ValueError("stream() supports n=1; use generate() for n > 1")
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, text, params)
-        sent_text, sent_ids = 0, 0
+        self.engine.add_request(rid, text, _with_kind(params, RequestOutputKind.DELTA))
+        done = False
         try:
-            done = False
             while not done:
                 for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
-                    c = out.outputs[0]
-                    delta = CompletionOutput(
-                        c.index,
-                        c.text[sent_text:],
-                        c.token_ids[sent_ids:],
-                        c.finish_reason,
-                        c.stop_reason,
-                        c.cumulative_logprob,
-                        c.logprobs,
-                    )
-                    sent_text, sent_ids = len(c.text), len(c.token_ids)
-                    done = out.finished
-                    yield RequestOutput(
-                        rid, out.prompt, out.prompt_token_ids, [delta], out.finished, out.metrics
-                    )
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
         finally:
             if not done:
                 self.engine.abort_request(rid)
@@ -153,3 +142,8 @@ class LLM:
         if len(params) != n:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts")
         return list(params)
+
+
+def _with_kind(params: SamplingParams, kind: RequestOutputKind) -> SamplingParams:
+    """The caller's params with the output kind this API needs (the caller's object untouched)."""
+    return params if params.output_kind is kind else dataclasses.replace(params, output_kind=kind)

@@ -33,6 +33,19 @@ class SamplingParamsTypeError(TypeError, ValueError):
     catch it with every other invalid sampling parameter."""
 
 
+class RequestOutputKind(enum.Enum):
+    """What each output of a running request carries (vLLM's names).
+
+    CUMULATIVE: everything so far (text, token ids, logprobs), every step that advanced it.
+    DELTA: only what is new since the request's previous output, for streaming.
+    FINAL_ONLY: one output, when the request has finished (batch APIs, non-streamed replies).
+    """
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
+
+
 class SamplingType(enum.Enum):
     GREEDY = "greedy"
     RANDOM = "random"  # drawn from torch's global generator
@@ -95,6 +108,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.n = _integer("n", self.n)
@@ -147,6 +161,14 @@ class SamplingParams:
                 )
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _flag(name, getattr(self, name))
+        if not isinstance(self.output_kind, RequestOutputKind):
+            try:
+                self.output_kind = RequestOutputKind(self.output_kind)
+            except ValueError:
+                kinds = ", ".join(k.value for k in RequestOutputKind)
+                raise ValueError(
+                    f"output_kind must be one of {kinds}, got {self.output_kind!r}"
+                ) from None
 
     @staticmethod
     def _normalise_stop(stop: object) -> list[str]:

@@ -170,7 +170,7 @@ def check_rope_and_silu_mul() -> None:
 
 
 def check_store_kv_cpu_and_device_caches() -> None:
-    """Host caches are written in place; device caches (a future KVCache(device='cuda')) too."""
+    """Host caches are written in place; device caches (the engine's, on this backend) too."""
     from numba import cuda
 
     cu, ref = _backends()
@@ -284,10 +284,18 @@ def check_tiny_model_greedy_matches_ref() -> None:
     prompts = ["The quick brown fox", "KV cache"]
     opts = dict(block_size=4, num_kv_blocks=24)
     cu_llm, ref_llm = LLM(folder, backend="cuda", **opts), LLM(folder, backend="ref", **opts)
+    # the backend allocated the engine's KV cache on the device: no step copies it over
+    assert all(hasattr(t, "copy_to_host") for t in cu_llm.engine.kv_cache.k)
     expected = _greedy_tokens(ref_llm.engine, prompts, 3)
     assert _greedy_tokens(cu_llm.engine, prompts, 3) == expected
     # alone, with its prompt's full blocks now in the prefix cache: a prefill after a prefix
     assert _greedy_tokens(cu_llm.engine, prompts[:1], 2) == [expected[0][:2]]
+    # n = 2 shares the prompt's partial last block, copied on the device before it is written
+    from minillm import SamplingParams
+
+    pair = SamplingParams(temperature=0, max_tokens=3, n=2)
+    outs = [o.token_ids for o in cu_llm.generate(prompts[1:], pair)[0].outputs]
+    assert outs == [expected[1], expected[1]]
 
 
 def check_quantized_tiny_model_matches_ref() -> None:

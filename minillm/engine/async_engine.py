@@ -99,6 +99,17 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Embeddings of token-id inputs, computed on the engine thread between two steps.
+
+        One thread runs the model, so an embedding never races a step for the kernels' thread
+        pool or the backend's buffers; it waits at most one step to start."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[list[float]]] = loop.create_future()
+        self._commands.put(("call", (lambda: self.engine.embed(inputs), loop, done)))
+        return await done
+
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         eng = self.engine
@@ -129,6 +140,24 @@ class AsyncLLMEngine:
                 if out.finished:
                     for hook in self.on_finished:
                         hook(out)
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """On shutdown nobody is left waiting: queued commands and live requests get an error."""
+        stopped = RuntimeError("the engine shut down before this request finished")
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._deliver(arg[0], stopped)
+            elif kind == "call":
+                _fn, loop, done = arg
+                loop.call_soon_threadsafe(_settle, done, None, stopped)
+        for rid in list(self.engine.requests):
+            self.engine.abort_request(rid)
+            self._deliver(rid, stopped)
 
     def _handle(self, cmd: tuple[str, Any]) -> None:
         kind, arg = cmd
@@ -144,8 +173,26 @@ class AsyncLLMEngine:
             out = self.engine.abort_request(arg)
             if out is not None:
                 self._deliver(arg, out)
+        elif kind == "call":
+            fn, loop, done = arg
+            try:
+                result = fn()
+            except Exception as e:  # the caller gets it; the loop goes on
+                loop.call_soon_threadsafe(_settle, done, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
 
     def _deliver(self, rid: str, item: Any) -> None:
         stream = self._streams.get(rid)
         if stream is not None:
             stream.put(item)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Resolve a caller's future on its own loop (unless the caller gave up on it)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,25 +1,40 @@
 """LLMEngine: add_request / step / abort_request, the one loop behind every entry point.
 
-``LLM.generate`` (offline) and the async server both drive ``step()``: schedule, run the model
-once on the flattened batch, sample, append, detokenize, check stop conditions, retire.
+``LLM.generate`` (offline) and the async server both drive ``step()``, which reads like
+nano-vllm's: the scheduler picks the batch, the runner runs the model once on it and the
+sampler picks tokens, the scheduler books the results, and the output processor turns them into
+text and outputs. Each job has one home; this file only wires them together.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from minillm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minillm.engine.output_processor import EngineStats, OutputProcessor, RequestState
+from minillm.engine.outputs import RequestOutput
 from minillm.engine.runner import ModelRunner
-from minillm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from minillm.engine.sequence import Sequence, SequenceStatus
+from minillm.engine.scheduler import SampledToken, ScheduledBatch, Scheduler, SchedulerConfig
+from minillm.engine.sequence import Sequence
 from minillm.kv.block_manager import BlockManager
 from minillm.kv.cache import KVCache, parse_size
 from minillm.model.llama import LlamaModel
+from minillm.model.pooling import embed
 from minillm.sampling import Sampler, SamplingContext, SamplingParams, make_generator
-from minillm.tokenizer import IncrementalDetokenizer, Tokenizer
+from minillm.tokenizer import Tokenizer
+
+__all__ = ["EngineConfig", "EngineStats", "LLMEngine", "PromptError"]
+
+
+class PromptError(ValueError):
+    """A prompt (or the room it leaves) the engine cannot serve; `field` names what is wrong:
+    "prompt" or "max_tokens"."""
+
+    def __init__(self, message: str, field: str = "prompt") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -32,44 +47,6 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-
-
-@dataclass
-class EngineStats:
-    """Monotonic counters (the server exports them as Prometheus metrics)."""
-
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    finished_requests: dict[str, int] = field(default_factory=dict)
-
-
-class _Request:
-    """Engine-side bookkeeping of one request: its sequences, texts and timings."""
-
-    def __init__(
-        self,
-        request_id: str,
-        prompt: str | None,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        seq: Sequence,
-        arrival: float,
-    ) -> None:
-        self.request_id, self.prompt, self.prompt_ids, self.params = (
-            request_id,
-            prompt,
-            prompt_ids,
-            params,
-        )
-        self.seqs = [seq]
-        self.forked = params.n == 1
-        self.texts: dict[int, str] = {0: ""}
-        self.detoks: dict[int, IncrementalDetokenizer] = {}
-        self.metrics = RequestMetrics(arrival, num_prompt_tokens=len(prompt_ids))
-
-    @property
-    def finished(self) -> bool:
-        return self.forked and all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -102,8 +79,9 @@ class LLMEngine:
                 "kv_cache_memory or lower max_model_len"
             )
         self.max_model_len = max_len
+        # the backend allocates the cache where its kernels read it (host memory, or the GPU)
         self.kv_cache = KVCache(
-            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, model.ops
         )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
@@ -119,12 +97,44 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler()
-        self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.output_processor = OutputProcessor(tokenizer, self.scheduler.finish, self.stats)
         self.last_scheduled: ScheduledBatch | None = None
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
 
     # ------------------------------------------------------------------ requests
+    @property
+    def requests(self) -> dict[str, RequestState]:
+        """The requests not finished yet, by id."""
+        return self.output_processor.requests
+
+    def check_prompt(
+        self, ids: list[int], max_tokens: int | None = None, context_limit: int | None = None
+    ) -> None:
+        """The one check of a prompt: not empty, known token ids, room left to generate.
+
+        max_tokens: also check that this many tokens fit after the prompt (servers refuse a
+        request that could not get them, as vLLM does). context_limit: a lower context length
+        than the engine's for this request (Ollama's num_ctx). Raises PromptError."""
+        limit = min(self.max_model_len, context_limit or self.max_model_len)
+        if not ids:
+            raise PromptError("the prompt is empty: it must contain at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise PromptError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= limit:
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens long, but this model's context length is "
+                f"{limit} tokens (max_model_len), which leaves no room to generate; shorten "
+                "the prompt"
+            )
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise PromptError(
+                f"max_tokens={max_tokens} is too large: the prompt has {len(ids)} tokens and the "
+                f"context length is {limit}, so at most {limit - len(ids)} can be generated",
+                "max_tokens",
+            )
+
     def add_request(
         self,
         request_id: str,
@@ -139,45 +149,26 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty: it must contain at least one token")
-        vocab = self.model.config.vocab_size
-        if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens but max_model_len is "
-                f"{self.max_model_len}: it leaves no room to generate"
-            )
-        seq = Sequence(request_id, list(ids), len(ids), params, make_generator(params))
-        self.scheduler.add(seq)
-        req = _Request(
+        self.check_prompt(ids)
+        seq = Sequence(
             request_id,
-            text,
-            list(ids),
+            ids,
+            len(ids),
             params,
-            seq,
-            time.perf_counter() if arrival_time is None else arrival_time,
+            make_generator(params),
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
         )
-        req.detoks[seq.seq_id] = self._detokenizer(ids, params)
-        self.requests[request_id] = req
-        self.stats.prompt_tokens += len(ids)
+        self.scheduler.add(seq)
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        self.output_processor.add_request(request_id, text, seq, arrival)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks at once; returns its final (aborted) output."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        for seq in req.seqs:
-            if not seq.is_finished:
-                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
-        req.forked = True
-        req.metrics.finished_time = time.perf_counter()
-        self._count_finished("abort")
-        return self._output(req)
+        return self.output_processor.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return self.output_processor.has_unfinished()
 
     @property
     def num_running(self) -> int:
@@ -187,158 +178,58 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised final hidden states of each input (model.pooling).
+
+        Runs the model between steps, on a scratch cache: the engine's blocks are untouched."""
+        for ids in inputs:
+            if len(ids) > self.max_model_len:
+                raise PromptError(
+                    f"an input is {len(ids)} tokens long, but this model's context length "
+                    f"is {self.max_model_len} tokens",
+                    "input",
+                )
+        return [embed(self.model, ids) for ids in inputs]
+
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """One scheduling decision and one forward pass; outputs of the requests it advanced."""
-        sched = self.scheduler.schedule()
-        self.last_scheduled = sched  # for teaching views (scheduler timeline) and tests
-        if not sched.seqs:
+        """Schedule, run, post-process; returns the outputs of the requests it advanced."""
+        batch = self.scheduler.schedule()
+        self.last_scheduled = batch  # for teaching views (scheduler timeline) and tests
+        if not batch.seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError(
                     "the scheduler cannot admit the next waiting request even "
                     "with an empty batch; this is a bug, please report it"
                 )
             return []
-        now = time.perf_counter()
-        for seq in sched.seqs:
-            m = self.requests[seq.request_id].metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
-        logits, to_sample = self.runner.execute(sched)
-        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
+        logits, to_sample = self.runner.execute(batch)
+        sampled = self._sample(logits, to_sample)
+        updated = self.scheduler.update_from_output(batch, sampled)
+        return self.output_processor.process(updated)
 
-        rows, seqs = [], []
+    def _sample(self, logits: torch.Tensor, to_sample: list[Sequence]) -> list[SampledToken]:
+        """One token per sequence from its logits row; a request with n > 1 draws n tokens from
+        its row at its first sample (each completion with its own generator), which forks it."""
+        rows: list[int] = []
+        contexts: list[SamplingContext] = []
+        forks: list[tuple[Sequence, int, torch.Generator | None]] = []
         for row, seq in enumerate(to_sample):
-            for s in self._fork_if_needed(seq):
+            p = seq.params
+            first_of_n = p.n > 1 and seq.index == 0 and seq.num_output_tokens == 0
+            for i in range(p.n if first_of_n else 1):
+                gen = seq.generator if i == 0 else make_generator(p, index=i)
                 rows.append(row)
-                seqs.append(s)
-        touched: dict[str, _Request] = {}
-        if seqs:
-            contexts = [
-                SamplingContext(
-                    s.params,
-                    s.prompt_token_ids,
-                    s.output_token_ids,
-                    s.generator,
-                    self.eos_token_ids,
+                contexts.append(
+                    SamplingContext(
+                        p, seq.prompt_token_ids, seq.output_token_ids, gen, seq.eos_token_ids
+                    )
                 )
-                for s in seqs
-            ]
-            results = self.sampler.sample(logits[torch.tensor(rows)], contexts)
-            now = time.perf_counter()
-            for seq, res in zip(seqs, results, strict=True):
-                req = self.requests[seq.request_id]
-                if req.metrics.first_token_time is None:
-                    req.metrics.first_token_time = now
-                self._append(req, seq, res)
-                touched[req.request_id] = req
-        outputs = []
-        for req in touched.values():
-            if req.finished:
-                req.metrics.finished_time = time.perf_counter()
-                del self.requests[req.request_id]
-                self._count_finished(*(s.finish_reason for s in req.seqs))
-            outputs.append(self._output(req))
-        return outputs
-
-    # ------------------------------------------------------------------ helpers
-    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(
-            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
-        )
-
-    def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
-        """At a request's first sample with n > 1, split it into n sequences sharing blocks."""
-        req = self.requests[seq.request_id]
-        if req.forked:
-            return [seq]
-        req.forked = True
-        seqs = [seq]
-        for i in range(1, seq.params.n):
-            child = seq.fork(i, make_generator(seq.params, index=i))
-            self.block_manager.fork(seq, child)
-            self.scheduler.running.insert(self.scheduler.running.index(seq) + i, child)
-            req.seqs.append(child)
-            req.texts[i] = ""
-            req.detoks[child.seq_id] = self._detokenizer(req.prompt_ids, seq.params)
-            seqs.append(child)
-        return seqs
-
-    def _append(self, req: _Request, seq: Sequence, res: object) -> None:
-        p = seq.params
-        tok = int(res.token_id)
-        seq.token_ids.append(tok)
-        seq.cumulative_logprob += float(res.logprob)
-        if p.logprobs is not None:
-            seq.logprobs.append(res.top_logprobs or {tok: float(res.logprob)})
-        self.stats.generation_tokens += 1
-        req.metrics.num_generation_tokens += 1
-        old = req.texts[seq.index]
-        text = old + req.detoks[seq.seq_id].add(tok)
-        n_out = seq.num_output_tokens
-        status = None
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and tok in self.eos_token_ids:
-                status = SequenceStatus.FINISHED_STOPPED
-            elif p.stop_token_ids and tok in p.stop_token_ids:
-                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, tok
-            elif p.stop:
-                text, hit = _find_stop(text, len(old), p.stop, p.include_stop_str_in_output)
-                if hit is not None:
-                    status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, hit
-        if status is None and p.max_tokens is not None and n_out >= p.max_tokens:
-            status = SequenceStatus.FINISHED_LENGTH
-        if status is None and seq.num_tokens >= self.max_model_len:
-            status = SequenceStatus.FINISHED_LENGTH
-        if status is not None:
-            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
-                text += req.detoks[seq.seq_id].flush()
-            self.scheduler.finish(seq, status)
-        req.texts[seq.index] = text
-        if seq.index == 0 and req.metrics.num_cached_tokens == 0:
-            req.metrics.num_cached_tokens = seq.num_cached_tokens
-
-    def _visible_text(self, req: _Request, seq: Sequence) -> str:
-        """While running, hold back a tail that could still become a stop string."""
-        text = req.texts[seq.index]
-        if seq.is_finished or not seq.params.stop:
-            return text
-        hold = max(len(s) for s in seq.params.stop) - 1
-        return text[: max(len(text) - hold, 0)]
-
-    def _output(self, req: _Request) -> RequestOutput:
-        outs = []
-        for seq in sorted(req.seqs, key=lambda s: s.index):
-            outs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=self._visible_text(req, seq),
-                    token_ids=list(seq.output_token_ids),
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                )
-            )
-        return RequestOutput(
-            req.request_id, req.prompt, req.prompt_ids, outs, req.finished, req.metrics
-        )
-
-    def _count_finished(self, *reasons: str | None) -> None:
-        reason = next((r for r in reasons if r), "abort")
-        self.stats.finished_requests[reason] = self.stats.finished_requests.get(reason, 0) + 1
-
-
-def _find_stop(text: str, old_len: int, stops: list[str], include: bool) -> tuple[str, str | None]:
-    """Earliest stop string that the new text completes; text cut before (or after) it."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        i = text.find(s, max(0, old_len - len(s) + 1))
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    if best is None:
-        return text, None
-    i, s = best
-    return text[: i + len(s)] if include else text[:i], s
+                forks.append((seq, i, gen))
+        if not rows:
+            return []
+        results = self.sampler.sample(logits[torch.tensor(rows)], contexts)
+        return [
+            SampledToken(seq, int(r.token_id), float(r.logprob), r.top_logprobs, i, gen)
+            for (seq, i, gen), r in zip(forks, results, strict=True)
+        ]

@@ -1,16 +1,25 @@
-"""The scheduler: each step, decide which sequences compute how many tokens.
+"""The scheduler: each step, decide which sequences compute how many tokens; after it, keep
+the books.
 
 Continuous batching: running sequences continue (one decode token each, or the next chunk of
 a long prompt), and waiting sequences are admitted into the same step whenever the token
 budget, the sequence limit and the KV blocks allow. A sequence whose next token has no room
 preempts the youngest running sequence, whose blocks are freed and whose tokens are computed
 again later (preemption by recompute).
+
+After the forward pass, ``update_from_output`` does all of the step's bookkeeping in one place
+(as vLLM's scheduler does): computed-token counts, caching the blocks that became full, forking
+a request with n > 1 at its first sample, appending the sampled tokens, and retiring the
+sequences that a token ended (EOS, stop token, max_tokens, context full).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
+
+import torch
 
 from minillm.engine.sequence import Sequence, SequenceStatus
 from minillm.kv.block_manager import BlockManager
@@ -45,6 +54,22 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+@dataclass
+class SampledToken:
+    """The token the sampler chose for one sequence this step.
+
+    fork_index > 0: the first token of the fork_index-th completion of an n > 1 request, drawn
+    from its parent's logits row with its own generator; the scheduler creates that sibling.
+    """
+
+    seq: Sequence
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+    fork_index: int = 0
+    generator: torch.Generator | None = None
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config, self.block_manager = config, block_manager
@@ -53,17 +78,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if seq.num_tokens > self.config.max_model_len:
-            raise ValueError(
-                f"prompt has {seq.num_tokens} tokens, more than max_model_len="
-                f"{self.config.max_model_len}"
-            )
-        if self.block_manager.blocks_for(seq.num_tokens + 1) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt of {seq.num_tokens} tokens cannot fit in the KV cache "
-                f"({self.block_manager.num_blocks} blocks of "
-                f"{self.block_manager.block_size})"
-            )
+        """Queue a sequence. The engine validated its prompt (LLMEngine.check_prompt)."""
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -126,6 +141,8 @@ class Scheduler:
             bm.allocate(seq, cached, n)
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = seq.num_computed_tokens
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.perf_counter()
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             self.running.append(seq)
@@ -133,3 +150,33 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget -= n
         return out
+
+    # ------------------------------------------------------------------ after the step
+    def update_from_output(
+        self, batch: ScheduledBatch, sampled: list[SampledToken]
+    ) -> list[Sequence]:
+        """Book one step's results; returns the sequences that got a token, in sampled order."""
+        bm = self.block_manager
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            bm.cache_full_blocks(seq)
+        # siblings first: each copies its parent's tokens before the parent appends its own
+        seqs = [
+            self._fork(s.seq, s.fork_index, s.generator) if s.fork_index else s.seq for s in sampled
+        ]
+        for seq, s in zip(seqs, sampled, strict=True):
+            seq.append_token(s.token_id, s.logprob, s.top_logprobs)
+            status = seq.token_stop()
+            if status is not None:
+                self.finish(seq, status)
+        return seqs
+
+    def _fork(self, parent: Sequence, index: int, generator: torch.Generator | None) -> Sequence:
+        """The index-th completion of parent's request: it shares all of parent's KV blocks."""
+        child = parent.fork(index, generator)
+        self.block_manager.fork(parent, child)
+        at = self.running.index(parent) + 1
+        while at < len(self.running) and self.running[at].request_id == parent.request_id:
+            at += 1  # after the siblings forked before it, in index order
+        self.running.insert(at, child)
+        return child

@@ -47,6 +47,9 @@ class Sequence:
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int | None = None  # None: no context limit of its own
+    first_scheduled_time: float | None = None  # time.perf_counter() when first scheduled
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +75,33 @@ class Sequence:
     def finish_reason(self) -> str | None:
         return self.status.value if self.is_finished else None
 
+    def append_token(
+        self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None = None
+    ) -> None:
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        if self.params.logprobs is not None:
+            self.logprobs.append(top_logprobs or {token_id: logprob})
+
+    def token_stop(self) -> SequenceStatus | None:
+        """Whether the token just appended ends the sequence, judged on token ids alone.
+
+        EOS and stop_token_ids count once min_tokens exist; then max_tokens, then the context
+        limit. Stop *strings* need the text, so the output processor checks those.
+        """
+        p, tok, n_out = self.params, self.token_ids[-1], self.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                return SequenceStatus.FINISHED_STOPPED
+            if tok in p.stop_token_ids:
+                self.stop_reason = tok
+                return SequenceStatus.FINISHED_STOPPED
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
+        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
     def fork(self, index: int, generator: torch.Generator | None) -> Sequence:
         """A sibling with the same tokens so far (its blocks are shared by the block manager)."""
         return Sequence(
@@ -82,5 +112,9 @@ class Sequence:
             generator,
             index,
             status=self.status,
+            num_computed_tokens=self.num_computed_tokens,
             num_cached_tokens=self.num_cached_tokens,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+            first_scheduled_time=self.first_scheduled_time,
         )

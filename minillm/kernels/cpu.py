@@ -37,11 +37,16 @@ from minillm.kernels.cpu_attention import paged_decode, paged_prefill, store_kv_
 from minillm.kernels.cpu_layer import decode_layer
 from minillm.kernels.cpu_packing import PackedWeight, pack_weight
 from minillm.kernels.cpu_pointwise import rms_norm_rows, rope_heads, silu_mul_rows
+from minillm.kv.cache import copy_host_kv_blocks, host_kv_cache
 
 if TYPE_CHECKING:  # the model layer sits above the kernels: a type-only import
     from minillm.model.batch import ForwardBatch
 
 name = "cpu"
+
+# The KV cache: host float32 tensors, read and written in place by the kernels (see ref.py).
+allocate_kv_cache = host_kv_cache
+copy_kv_blocks = copy_host_kv_blocks
 
 
 # ----------------------------------------------------------------------------- tensors

@@ -13,14 +13,12 @@ Where the data lives:
   torch), go to the device for one op, and come back. That costs two PCIe copies per op, small
   next to the weights for decode. A GPU build of the model would keep them on the device
   (torch CUDA tensors passed through ``__cuda_array_interface__``, zero-copy).
-- **the KV cache** is the engine's: CPU tensors (NB, BS, KvH, D). An op copies over only the
-  blocks it touches (the ones in its block tables or slot mapping), runs, and ``store_kv``
-  writes those blocks back in place. So each decode step sends every sequence's whole KV over
-  PCIe, 2 * layers * context * KvH * D * 4 bytes per sequence (plus the written block back),
-  which on a real GPU deployment would dwarf the kernel time. vLLM keeps the cache on the device; so would a
-  ``KVCache(device="cuda")`` here: pass device arrays (anything with ``copy_to_host``, e.g.
-  ``numba.cuda.to_device(...)``) as k_cache/v_cache and the ops use them in place, with no
-  copies and global block ids. Both paths are tested.
+- **the KV cache** lives on the device: the engine asks the backend for it
+  (``allocate_kv_cache``), so ops read and write device arrays (NB, BS, KvH, D) in place with
+  global block ids and nothing crosses PCIe for attention. Host tensors still work (lessons and
+  tests pass them): an op then copies over only the blocks it touches and ``store_kv`` writes
+  them back, which costs 2 * layers * context * KvH * D * 4 bytes per sequence per step. Both
+  paths are tested.
 
 Launch shapes are a ``LaunchConfig``: the GPU one (a warp per matvec row, 64-column x 16-token
 matmul tiles, a block per work item) or a small one for the simulator, where each thread costs
@@ -333,6 +331,21 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- paged KV
+def allocate_kv_cache(shape: tuple[int, ...]):  # noqa: ANN201 - a device array
+    """A zeroed float32 cache array in device memory (the engine's KV cache on this backend)."""
+    return cuda.to_device(np.zeros(shape, dtype=np.float32))
+
+
+def copy_kv_blocks(caches: list, src: list[int], dst: list[int]) -> None:
+    """Block src[i] -> block dst[i] in every cache array, device to device (copy-on-write)."""
+    for cache in caches:
+        if not _is_device_array(cache):  # host tensors: plain indexing
+            cache[torch.tensor(dst)] = cache[torch.tensor(src)]
+            continue
+        for s, d in zip(src, dst, strict=True):
+            cache[d].copy_to_device(cache[s])
+
+
 class _PagedBlocks:
     """The cache blocks one op touches, on the device.
 

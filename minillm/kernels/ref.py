@@ -13,8 +13,14 @@ import numpy as np
 import torch
 
 from minillm.formats.blocks import QuantTensor
+from minillm.kv.cache import copy_host_kv_blocks, host_kv_cache
 
 name = "ref"
+
+# The KV cache lives where the ops read it: zeroed host tensors here. The engine allocates it
+# through these two (allocate_kv_cache(shape); copy_kv_blocks(caches, src, dst), copy-on-write).
+allocate_kv_cache = host_kv_cache
+copy_kv_blocks = copy_host_kv_blocks
 
 
 # ----------------------------------------------------------------------------- weights

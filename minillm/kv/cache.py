@@ -1,12 +1,15 @@
-"""KV storage: one (num_blocks, block_size, KvH, D) tensor per layer for K and one for V.
+"""KV storage: one (num_blocks, block_size, KvH, D) array per layer for K and one for V.
 
 The engine sizes it from a memory budget, like vLLM's gpu_memory_utilization: whatever the
-budget holds becomes blocks, and the block manager hands them out.
+budget holds becomes blocks, and the block manager hands them out. The *backend* allocates the
+arrays (``ops.allocate_kv_cache``) where its kernels read them: torch tensors in host memory for
+``ref`` and ``cpu``, device arrays on the GPU for ``cuda``, so no step copies the cache around.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -37,7 +40,24 @@ def parse_size(size: str | int) -> int:
     return value
 
 
+def host_kv_cache(shape: tuple[int, ...]) -> torch.Tensor:
+    """A zeroed float32 cache array in host memory (what the ref and cpu backends use)."""
+    return torch.zeros(shape, dtype=torch.float32)
+
+
+def copy_host_kv_blocks(caches: list[torch.Tensor], src: list[int], dst: list[int]) -> None:
+    """Block src[i] -> block dst[i] in every cache array (host tensors)."""
+    s, d = torch.tensor(src), torch.tensor(dst)
+    for t in caches:
+        t[d] = t[s]
+
+
 class KVCache:
+    """K and V arrays for every layer. `ops`: the backend that allocates and copies them
+    (None: host tensors, which every backend can read)."""
+
+    ELEMENT_BYTES = 4  # float32
+
     def __init__(
         self,
         num_layers: int,
@@ -45,34 +65,27 @@ class KVCache:
         block_size: int,
         num_kv_heads: int,
         head_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
+        ops: Any = None,
     ) -> None:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_blocks, self.block_size = num_blocks, block_size
+        allocate = getattr(ops, "allocate_kv_cache", host_kv_cache)
+        self._copy = getattr(ops, "copy_kv_blocks", copy_host_kv_blocks)
+        self.k = [allocate(shape) for _ in range(num_layers)]
+        self.v = [allocate(shape) for _ in range(num_layers)]
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self._per_block = self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim)
 
-    @staticmethod
+    @classmethod
     def bytes_per_block(
-        num_layers: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.float32,
+        cls, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * cls.ELEMENT_BYTES
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return self.num_blocks * self._per_block
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate src blocks into dst blocks in every layer."""
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs])
-        dst = torch.tensor([d for _, d in pairs])
-        for t in self.k + self.v:
-            t[dst] = t[src]
+        if pairs:
+            self._copy(self.k + self.v, [s for s, _ in pairs], [d for _, d in pairs])

@@ -58,16 +58,29 @@ class LlamaModel:
         self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         """Run the new tokens through all layers, writing their K/V; return (S, V) logits."""
+        return self._logits(self._layers(batch, k_caches, v_caches), batch)
+
+    @torch.inference_mode()
+    def hidden_states(
+        self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """The final, normalised hidden state (T, d) of every new token: what embeddings pool."""
+        x = self._layers(batch, k_caches, v_caches)
+        return self.ops.rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+
+    def _layers(
+        self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Embedding, then every decoder layer: the residual stream (T, d) after the last one."""
         ops, cfg = self.ops, self.config
         t = batch.num_tokens
         cos, sin = self.rope_tables(batch.positions)
         x = ops.embedding(batch.token_ids, self.embed)  # (T, d)
         if self.fused_decode and not batch.prefills:  # the same math, one call per layer
-            x = ops.decoder_layers(
+            return ops.decoder_layers(
                 x, self.layers, k_caches, v_caches, batch, cos, sin,
                 cfg.rms_norm_eps, cfg.num_heads, self.scale,
             )  # fmt: skip
-            return self._logits(x, batch)
         for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
             # ---- attention block: x + Wo · attn(rope(Wq·h), rope(Wk·h), Wv·h), h = norm(x)
             h = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
@@ -82,7 +95,7 @@ class LlamaModel:
             h = ops.rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
             gate_up = ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up))
             x = x + ops.linear(gate_up, layer.w_down)
-        return self._logits(x, batch)
+        return x
 
     def _logits(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """(S, V): only the rows that will be sampled need the (big) vocabulary projection."""
