@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -46,17 +47,42 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out by itself (bind to 0, outgoing connections)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS starts at 49152
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """A factory for free loopback TCP ports: `port = free_port()`.
 
-    Session-scoped so servers in different tests can each ask for their own port.
+    Session-scoped so servers in different tests can each ask for their own port. A port is
+    free only until someone binds it, and the server binds it a moment later; a port the
+    kernel gave us (bind to 0) sits in its ephemeral range, which it also deals out to every
+    outgoing connection on the machine, so a busy machine can take it in that moment. So the
+    port is drawn at random *below* that range, checked by binding it, and never handed out
+    twice in a session.
     """
+    rng, given = random.SystemRandom(), set()
+    high = _ephemeral_low()
 
     def _free_port() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+        for _ in range(200):
+            port = rng.randrange(10000, high) if high > 11000 else 0
+            if port in given:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:  # in use: draw again
+                    continue
+                port = sock.getsockname()[1]
+            given.add(port)
+            return port
+        raise RuntimeError("no free loopback port found in 200 tries")
 
     return _free_port
 

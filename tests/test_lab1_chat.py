@@ -57,16 +57,25 @@ def greedy_reference(llm: LLM, messages: list[dict], max_tokens: int = MAX_TOKEN
         return llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=max_tokens))[0]
 
 
-def wait_until_idle(llm: LLM, seconds: float = 10.0) -> bool:
-    """True once no request is in the engine and the chat lock is free."""
+def is_idle(llm: LLM) -> bool:
+    """No request is in the engine and the chat lock is free."""
+    lock = engine_lock(llm)
+    if llm.engine.has_unfinished_requests() or not lock.acquire(blocking=False):
+        return False
+    lock.release()
+    return True
+
+
+def wait_until_idle(llm: LLM, seconds: float = 120.0) -> bool:
+    """True as soon as the app's worker thread has let go of the engine (a cancel travels
+    through HTTP and Gradio's queue first). The limit only bounds a failure: on a loaded
+    2-core machine that hand-over can take seconds."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        lock = engine_lock(llm)
-        if not llm.engine.has_unfinished_requests() and lock.acquire(blocking=False):
-            lock.release()
-            return True
-        time.sleep(0.1)
-    return False
+    while not is_idle(llm):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 class StreamSpy:
@@ -183,8 +192,9 @@ def test_closing_the_stream_aborts_the_engine_request(llm):
     ) as s:
         first = next(s)
         assert first and llm.engine.has_unfinished_requests()
+    # close() runs in this thread: the abort and the lock's release are done when it returns.
     assert llm.engine.stats.finished_requests.get("abort", 0) == aborted + 1
-    assert wait_until_idle(llm, seconds=0.5)
+    assert is_idle(llm)
 
 
 def test_concurrent_chats_are_serialised(llm):
@@ -227,14 +237,11 @@ def test_app_streams_partial_answers_over_the_api(llm, app_url):
     job = client.submit(
         message, history, DEFAULT_SYSTEM_PROMPT, 0.0, 1.0, MAX_TOKENS, api_name="/chat"
     )
-    arrivals = [(time.monotonic(), out) for out in job]
-    done = time.monotonic()
-    outputs = [out for _, out in arrivals]
+    outputs = list(job)  # every message the app sent, in order (gradio_client keeps them all)
 
     *partials, final = outputs
     assert len(set(partials)) > 1, outputs
     assert all(b.startswith(a) for a, b in zip(partials, partials[1:], strict=False))
-    assert arrivals[0][0] < done
     answer, _, stats = final.rpartition("\n\n")
     assert answer == reference == partials[-1]
     assert STATS.fullmatch(stats), final
@@ -248,9 +255,9 @@ def test_cancelling_an_api_job_aborts_the_engine_request(llm, app_url):
     job = client.submit(
         "Write a long story about a dragon.", [], "", 0.0, 1.0, 300, api_name="/chat"
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # bounds a failure only; returns at the first partial
     while not job.outputs() and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert job.outputs(), "no partial answer arrived"
     job.cancel()
     assert wait_until_idle(llm)
@@ -316,7 +323,7 @@ def test_browser_chat_and_stop(llm, app_url, chromium_path, tmp_path, monkeypatc
             expect(page.locator("#chatbot .message.bot").nth(1)).to_contain_text(first_words)
             expect(box).not_to_be_editable()  # no new message while an answer streams
             page.get_by_role("button", name="Stop").click()
-            assert wait_until_idle(llm, seconds=30)
+            assert wait_until_idle(llm)
             expect(box).to_be_editable()
             second_prompt = spy.outputs[-1].prompt
             stopped = page.locator("#chatbot .message.bot").last.inner_text()
