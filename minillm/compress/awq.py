@@ -35,7 +35,7 @@ import torch
 from minillm.compress.calibration import Activations, capture_activations
 from minillm.compress.fp32 import as_fp32 as _q
 from minillm.compress.fp32 import as_torch as _t
-from minillm.compress.quantize import fake_quantize_int4
+from minillm.compress.int_quant import fake_quantize_int4
 from minillm.config import ModelConfig
 from minillm.model.weights import ModelWeights
 

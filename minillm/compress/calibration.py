@@ -65,8 +65,12 @@ class Activations:
         return self.inputs[(layer, kind)].norm(dim=0)
 
 
-class _RecordingOps(SimpleNamespace):
-    """The ref backend with `linear` and `rms_norm` that note their inputs first."""
+class RecordingOps(SimpleNamespace):
+    """The ref backend with `linear` and `rms_norm` that note their inputs first.
+
+    Public because two passes record through it: calibration (AWQ, Wanda) keys the inputs of
+    linears and norms, distillation keys norm inputs only to keep the teacher's hidden states.
+    """
 
     def __init__(self, ops, linear_keys: dict[int, tuple[int, str]], norm_keys: dict[int, int]):  # noqa: ANN001
         super().__init__(**{k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")})
@@ -105,7 +109,7 @@ def capture_activations(
             linear_keys[id(w)] = (i, kind)
         norm_keys[id(layer.attn_norm)] = i
     norm_keys[id(model.final_norm)] = config.num_layers
-    recorder = _RecordingOps(ref, linear_keys, norm_keys)
+    recorder = RecordingOps(ref, linear_keys, norm_keys)
     model.ops = recorder
     for start in range(0, len(token_ids), window):
         chunk = token_ids[start : start + window]

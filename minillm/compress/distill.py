@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.compress.calibration import _RecordingOps
+from minillm.compress.calibration import RecordingOps
 from minillm.compress.hf_export import save_hf_folder
 from minillm.compress.student import StudentLlama
 from minillm.config import ModelConfig
@@ -151,7 +151,7 @@ def teacher_targets(
     # layer L's output is what layer L + 1's first norm (or the final norm) reads
     norms = [layer.attn_norm for layer in model.layers[1:]] + [model.final_norm]
     norm_keys = {id(norms[layer]): layer for layer in hidden_layers}
-    recorder = _RecordingOps(ref, {}, norm_keys)
+    recorder = RecordingOps(ref, {}, norm_keys)
     model.ops = recorder
     n = len(token_ids) // seq_len
     windows = torch.tensor(list(token_ids[: n * seq_len]), dtype=torch.long).view(n, seq_len)

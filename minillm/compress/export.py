@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.compress.quantize import QuantizedModel, quantize_int8_per_channel
+from minillm.compress.int_quant import quantize_int8_per_channel
+from minillm.compress.quantize import QuantizedModel
 from minillm.config import ModelConfig
 from minillm.formats.gguf_write import (
     GGUFValueType,

@@ -38,7 +38,7 @@ import math
 
 from numba import cuda, float32
 
-from minillm.kernels.cuda_linear import _check_power_of_two
+from minillm.kernels.cuda_linear import check_power_of_two
 
 
 @functools.cache
@@ -48,7 +48,7 @@ def make_paged_decode_attention(threads: int, head_dim: int):  # noqa: ANN201 - 
     q (B, H, D); k_cache, v_cache (NB, BS, KvH, D); block_tables (B, M); context_lens (B,).
     Launch with `threads` threads per block; work item w = b * H + h.
     """
-    _check_power_of_two("threads", threads)
+    check_power_of_two("threads", threads)
     dim = head_dim
 
     def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out):
@@ -130,7 +130,7 @@ def make_paged_prefill_attention(threads: int, head_dim: int):  # noqa: ANN201 -
     context_len - n + i and sees keys 0..that position. Launch with `threads` threads per
     block; work item w = query tile * H + h, one query per thread.
     """
-    _check_power_of_two("threads", threads)
+    check_power_of_two("threads", threads)
     dim = head_dim
 
     def paged_prefill_attention(q, k_cache, v_cache, block_table, context_len, scale, out):

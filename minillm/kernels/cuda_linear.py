@@ -35,7 +35,9 @@ from minillm.kernels.cuda_simulator import make_shared_arrays_thread_safe
 make_shared_arrays_thread_safe()
 
 
-def _check_power_of_two(name: str, value: int) -> None:
+def check_power_of_two(name: str, value: int) -> None:
+    """Launch sizes that feed a tree reduction (halving strides) must be powers of two;
+    shared by every kernel factory, so a bad size fails at build time with its name."""
     if value < 1 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two for the tree reduction, got {value}")
 
@@ -116,7 +118,7 @@ def make_matvec(fmt: str, lanes: int, rows_per_block: int):  # noqa: ANN201 - a 
     """
     if fmt not in KERNEL_FORMATS:
         raise ValueError(f"no matvec kernel for format {fmt!r}; have {sorted(KERNEL_FORMATS)}")
-    _check_power_of_two("lanes", lanes)
+    check_power_of_two("lanes", lanes)
     if rows_per_block < 1:
         raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
     block_dot = BLOCK_DOT[fmt]

@@ -19,7 +19,7 @@ import math
 
 from numba import cuda, float32
 
-from minillm.kernels.cuda_linear import _check_power_of_two
+from minillm.kernels.cuda_linear import check_power_of_two
 from minillm.kernels.cuda_quant import KERNEL_FORMATS, VALUE
 
 
@@ -42,7 +42,7 @@ def make_embedding(fmt: str):  # noqa: ANN201 - a numba.cuda kernel
 @functools.cache
 def make_rms_norm(threads: int):  # noqa: ANN201 - a numba.cuda kernel
     """out (T, d) = x / sqrt(mean(x^2) + eps) * weight; one block of `threads` per row."""
-    _check_power_of_two("threads", threads)
+    check_power_of_two("threads", threads)
 
     def rms_norm(x, weight, eps, out):
         tid = cuda.threadIdx.x
