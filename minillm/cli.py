@@ -15,7 +15,8 @@ teaches where the time goes). Which mode `run` picks:
 SYSTEM, PARAMETER, TEMPLATE, MESSAGE); `run NAME` and `serve NAME` apply it, and flags given on
 the command line override its PARAMETERs.
 
-Errors (unknown model, network, bad flag values) print `Error: <message>` on stderr and exit 1.
+Errors (unknown model, network, bad flag values, a corrupt model file) print `Error: <message>`
+on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -637,14 +638,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ModelNotFoundError, HubError, ValueError, FileNotFoundError) as e:
+    except BrokenPipeError:  # `minillm run ... | head`: the reader left, which is fine
+        return 0
+    # bad input (a corrupt model file is a ValueError: formats.gguf.GGUFError) and files that
+    # cannot be read (OSError: permissions, a folder where a file was expected)
+    except (ModelNotFoundError, HubError, ValueError, OSError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `minillm run ... | head`: the reader left, which is fine
-        return 0
 
 
 if __name__ == "__main__":

@@ -7,11 +7,49 @@ both families we run (Llama, Qwen2) share one config because they share one forw
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# Sizes beyond int32 are never real and would overflow index arithmetic downstream.
+_MAX_SIZE = 2**31 - 1
+
+
+def _gguf_int(md: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive integer from GGUF metadata; a corrupt one is named by its key."""
+    value = md.get(key, default)
+    if value is None:
+        raise ValueError(f"GGUF metadata lacks {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_SIZE:
+        raise ValueError(
+            f"GGUF metadata {key!r} must be a positive integer below 2**31, got {value!r:.40}"
+        )
+    return value
+
+
+def _gguf_float(md: dict[str, Any], key: str, default: float) -> float:
+    """A positive finite number from GGUF metadata (epsilons, RoPE bases)."""
+    value = md.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"GGUF metadata {key!r} must be a positive number, got {value!r:.40}")
+    return float(value)
+
+
+def _gguf_vocab_size(md: dict[str, Any], arch: str) -> int:
+    """`{arch}.vocab_size` when the file sets it, else the length of the token list."""
+    key = f"{arch}.vocab_size"
+    if key in md:
+        return _gguf_int(md, key)
+    tokens = md.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ValueError(
+            f"GGUF metadata has neither {key!r} nor a 'tokenizer.ggml.tokens' list: the "
+            "vocabulary size is unknown"
+        )
+    return len(tokens)
 
 
 @dataclass(frozen=True)
@@ -32,10 +70,22 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        """Every source (GGUF, config.json, pruning) lands here: sizes size every buffer."""
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {self.arch!r}; minillm runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_SIZE
+            ):
+                raise ValueError(f"{f.name} must be a positive integer below 2**31, got {value!r}")
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if f.type == "float" and not (number and 0 < value < math.inf):
+                raise ValueError(f"{f.name} must be a positive number, got {value!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is odd; RoPE rotates pairs of dimensions")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -58,36 +108,47 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(cls, md: dict[str, Any], has_output_tensor: bool = False) -> ModelConfig:
-        arch = str(md.get("general.architecture", ""))
-        if arch not in SUPPORTED_ARCHITECTURES:
+        """The config a GGUF header describes. Every number is checked for type, range and
+        consistency, and a bad one is named by its GGUF key (callers add the file's name)."""
+        arch = md.get("general.architecture", "")
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture {arch!r} in GGUF metadata; minillm runs "
+                f"unsupported architecture {arch!r:.40} in GGUF metadata; minillm runs "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-
-        def get(key: str, default: Any = None) -> Any:
-            full = f"{arch}.{key}"
-            if full in md:
-                return md[full]
-            if default is None:
-                raise ValueError(f"GGUF metadata lacks {full!r}")
-            return default
-
-        hidden = int(get("embedding_length"))
-        heads = int(get("attention.head_count"))
-        vocab = md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens", []))
+        hidden = _gguf_int(md, f"{arch}.embedding_length")
+        heads = _gguf_int(md, f"{arch}.attention.head_count")
+        kv_heads = _gguf_int(md, f"{arch}.attention.head_count_kv", heads)
+        if heads % kv_heads:
+            raise ValueError(
+                f"GGUF metadata '{arch}.attention.head_count' = {heads} is not a multiple of "
+                f"'{arch}.attention.head_count_kv' = {kv_heads}"
+            )
+        if f"{arch}.attention.key_length" in md:
+            head_dim = _gguf_int(md, f"{arch}.attention.key_length")
+        elif hidden % heads:
+            raise ValueError(
+                f"GGUF metadata '{arch}.embedding_length' = {hidden} does not split into "
+                f"'{arch}.attention.head_count' = {heads} heads (and no key_length is set)"
+            )
+        else:
+            head_dim = hidden // heads
+        if head_dim % 2:
+            raise ValueError(
+                f"GGUF metadata gives an odd head size {head_dim}; RoPE rotates pairs of dimensions"
+            )
         return cls(
             arch=arch,
-            vocab_size=int(vocab),
+            vocab_size=_gguf_vocab_size(md, arch),
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
+            intermediate_size=_gguf_int(md, f"{arch}.feed_forward_length"),
+            num_layers=_gguf_int(md, f"{arch}.block_count"),
             num_heads=heads,
-            num_kv_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(get("attention.key_length", hidden // heads)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(get("context_length", 2048)),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_gguf_float(md, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=_gguf_float(md, f"{arch}.rope.freq_base", 10000.0),
+            max_position_embeddings=_gguf_int(md, f"{arch}.context_length", 2048),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
             name=str(md.get("general.name", "")),
@@ -116,7 +177,7 @@ class ModelConfig:
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            head_dim=int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),

@@ -9,7 +9,8 @@ from types import ModuleType
 
 from minillm.chat import ChatTemplate
 from minillm.config import ModelConfig
-from minillm.formats.gguf import GGUFFile
+from minillm.formats.gguf import GGUFError, GGUFFile
+from minillm.formats.gguf_check import check_model_header
 from minillm.kernels import get_backend
 from minillm.model.llama import LlamaModel
 from minillm.model.weights import ModelWeights, load_gguf_weights, load_hf_weights
@@ -39,11 +40,23 @@ def locate(model: str | Path) -> Path:
     return Path(resolve(str(model)).path)
 
 
+def _gguf_tokenizer(gguf: GGUFFile) -> Tokenizer:
+    """The tokenizer a GGUF describes; a vocabulary the builder rejects names the file."""
+    try:
+        return Tokenizer.from_gguf_metadata(gguf.metadata)
+    except Exception as e:  # `tokenizers` rejects a bad vocabulary or merge with a bare Exception
+        why = " ".join(str(e).split())  # its messages can span lines; an Error: line must not
+        raise GGUFError(
+            f"{gguf.path}: the tokenizer cannot be built from its metadata: {why}"
+        ) from e
+
+
 def read_model_files(path: Path) -> tuple[ModelConfig, ModelWeights, Tokenizer]:
+    """Config, weights and tokenizer; a GGUF is checked whole before any weight is used."""
     if path.is_file():
         gguf = GGUFFile(path)
-        config = ModelConfig.from_gguf_metadata(gguf.metadata, "output.weight" in gguf.tensors)
-        return config, load_gguf_weights(gguf, config), Tokenizer.from_gguf_metadata(gguf.metadata)
+        config = check_model_header(gguf.path, gguf.metadata, gguf.tensor_infos)
+        return config, load_gguf_weights(gguf, config), _gguf_tokenizer(gguf)
     if (path / "config.json").is_file():
         config = ModelConfig.from_hf_config(path / "config.json")
         return config, load_hf_weights(path, config), Tokenizer.from_pretrained_dir(path)
@@ -59,9 +72,12 @@ def load_model(model: str | Path = "smollm2", backend: str = "auto") -> LoadedMo
     path = locate(model)
     config, weights, tokenizer = read_model_files(path)
     net = LlamaModel(config, weights, ops)
-    template = ChatTemplate(
-        tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token or ""
-    )
+    try:
+        template = ChatTemplate(
+            tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token or ""
+        )
+    except ValueError as e:  # a template that does not compile: say whose it is
+        raise ValueError(f"{path}: {e}") from e
     return LoadedModel(
         str(model), path, config, weights, net, tokenizer, template, ops, time.perf_counter() - t0
     )

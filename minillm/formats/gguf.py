@@ -12,11 +12,15 @@ takes 5-15 s on a 49k-token vocabulary; a struct walk reads the same header in ~
 `gguf` package stays the reference: tests check that both readers agree field for field, and
 it is what writes GGUF files (see compress/). Nothing is dequantized here: the backend decides
 whether to compute on blocks (cpu, cuda) or on fp32 (ref).
+
+Nothing in a header is trusted: counts and lengths are checked against the bytes left
+(formats/gguf_cursor.py), and the tensor directory against the file (formats/gguf_layout.py),
+so a corrupt file fails with one GGUFError that names the file and the field. Whether the
+metadata describes a model minillm can run is formats/gguf_check.py's business.
 """
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import struct
@@ -27,53 +31,18 @@ from typing import Any
 import numpy as np
 
 from minillm.formats.blocks import BLOCK_LAYOUT, QuantTensor
+from minillm.formats.gguf_cursor import ARRAY, INTEGER_TYPES, STRING, Cursor, GGUFError
+from minillm.formats.gguf_layout import TensorInfo, check_extents, check_n_dims, tensor_info
 
-# GGUF value type id -> (struct format, numpy dtype) of the fixed-size scalars
-_SCALARS: dict[int, tuple[str, str]] = {
-    0: ("<B", "<u1"),
-    1: ("<b", "<i1"),
-    2: ("<H", "<u2"),
-    3: ("<h", "<i2"),
-    4: ("<I", "<u4"),
-    5: ("<i", "<i4"),
-    6: ("<f", "<f4"),
-    7: ("<?", "?"),
-    10: ("<Q", "<u8"),
-    11: ("<q", "<i8"),
-    12: ("<d", "<f8"),
-}
-_STRING, _ARRAY = 8, 9
-# ggml type ids of the formats we can hold (ggml.h `enum ggml_type`)
-_GGML_TYPES = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    6: "Q5_0",
-    8: "Q8_0",
-    12: "Q4_K",
-    14: "Q6_K",
-    30: "BF16",
-}
+__all__ = ["GGUFError", "GGUFFile", "GGUFHeader", "TensorInfo", "read_header", "read_metadata"]
+
 # ggml I8: plain int8 tensors, kept apart in GGUFFile.int8_tensors (minillm writes per-channel
 # int8 weights this way, with an F32 "<name>.scale" beside each; see formats/int8_rows.py)
-_GGML_I8 = "TYPE_24"
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be read: missing, truncated, corrupt or of an unknown kind."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    type_name: str  # ggml type, e.g. "Q4_1", "F32" (TYPE_<id> for types minillm cannot hold)
-    shape: tuple[int, ...]  # numpy order: slowest first
-    offset: int  # from the start of the data section
-
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
+_GGML_I8 = "I8"
+_DEFAULT_ALIGNMENT = 32
+# The fewest bytes one metadata entry (key length, value type, a 1-byte value) and one tensor
+# entry (name length, n_dims, one dim, type, offset) can take: bounds the header's counts.
+_MIN_KV_BYTES, _MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -82,84 +51,99 @@ class GGUFHeader:
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
     data_start: int
-
-
-class _Cursor:
-    def __init__(self, buf: mmap.mmap, pos: int) -> None:
-        self.buf, self.pos = buf, pos
-
-    def scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        if self.pos + n > len(self.buf):
-            raise GGUFError(f"a string of {n} bytes runs past the end of the file")
-        raw = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype][0])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            item_type, count = self.scalar("<I"), self.scalar("<Q")
-            if item_type in _SCALARS:  # one numpy read instead of `count` struct calls
-                dtype = np.dtype(_SCALARS[item_type][1])
-                if self.pos + dtype.itemsize * count > len(self.buf):
-                    raise GGUFError(f"an array of {count} items runs past the end of the file")
-                items = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
-                self.pos += dtype.itemsize * count
-                return items.tolist()
-            return [self.value(item_type) for _ in range(count)]
-        raise GGUFError(f"unknown GGUF value type {vtype} at byte {self.pos}")
+    # key -> (GGUF value type, item type for arrays else None): what the file stores it as
+    value_types: dict[str, tuple[int, int | None]]
 
 
 def _check_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise GGUFError(f"{p} is a folder, not a GGUF file")
     if not p.is_file():
         raise GGUFError(f"GGUF file not found: {p}")
-    with open(p, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise GGUFError(f"{p} cannot be read: {e.strerror}") from None
     if magic != b"GGUF":
         raise GGUFError(f"{p} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
     return p
 
 
+def _alignment(metadata: dict[str, Any], types: dict[str, tuple[int, int | None]]) -> int:
+    """general.alignment: data offsets are multiples of it, so it must be a power of two."""
+    if "general.alignment" not in metadata:
+        return _DEFAULT_ALIGNMENT
+    value = metadata["general.alignment"]
+    if types["general.alignment"][0] not in INTEGER_TYPES or value < 1 or value & (value - 1):
+        raise GGUFError(f"must be a positive power of two, got {value!r:.40}")
+    return value
+
+
+def _check_architecture(metadata: dict[str, Any], types: dict[str, tuple[int, int | None]]) -> None:
+    """The GGUF spec requires general.architecture: every other model key is named after it."""
+    if "general.architecture" not in metadata:
+        raise GGUFError("is missing (the GGUF spec requires it)")
+    arch = metadata["general.architecture"]
+    if types["general.architecture"][0] != STRING or not arch:
+        raise GGUFError(f"must be a non-empty string, got {arch!r:.40}")
+
+
 def _parse_header(buf: mmap.mmap, path: Path) -> GGUFHeader:
-    cur = _Cursor(buf, 4)
+    """Walk the header, checking every count, length and value before it is used."""
+    cur = Cursor(buf, 4)
+    field = "the header"  # what is being read, for the error message
     try:
-        version = cur.scalar("<I")
+        version = cur.u32()
         if version not in (2, 3):
-            raise GGUFError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            metadata[key] = cur.value(cur.scalar("<I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-            type_id, offset = cur.scalar("<I"), cur.scalar("<Q")
-            tensors.append(
-                TensorInfo(
-                    name,
-                    _GGML_TYPES.get(type_id, f"TYPE_{type_id}"),
-                    tuple(int(d) for d in reversed(dims)),
-                    offset,
-                )
+            raise GGUFError(f"GGUF version {version} is not supported (need 2 or 3)")
+        n_tensors, n_kv = cur.u64(), cur.u64()
+        room = cur.size - cur.pos
+        if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > room:
+            raise GGUFError(
+                f"it declares {n_tensors} tensors and {n_kv} metadata keys, more than the "
+                f"{room} bytes after it can hold: the file is truncated or corrupt"
             )
-    except (struct.error, OverflowError, GGUFError) as e:
+        metadata: dict[str, Any] = {}
+        types: dict[str, tuple[int, int | None]] = {}
+        for i in range(n_kv):
+            field = f"metadata key #{i}"
+            key = cur.string()
+            field = f"metadata {key!r:.80}"
+            if key in metadata:
+                raise GGUFError("appears twice")
+            vtype = cur.u32()
+            item_type = cur.peek_u32() if vtype == ARRAY else None
+            metadata[key] = cur.value(vtype)
+            types[key] = (vtype, item_type)
+        field = "metadata 'general.alignment'"
+        alignment = _alignment(metadata, types)
+        field = "metadata 'general.architecture'"
+        _check_architecture(metadata, types)
+        tensors = []
+        for i in range(n_tensors):
+            field = f"tensor #{i}"
+            name = cur.string()
+            field = f"tensor {name!r:.80}"
+            n_dims = cur.u32()
+            check_n_dims(n_dims)
+            dims = [cur.u64() for _ in range(n_dims)]
+            type_id, offset = cur.u32(), cur.u64()
+            tensors.append(tensor_info(name, dims, type_id, offset, alignment))
+    except struct.error:
         raise GGUFError(
-            f"{path} is truncated or corrupt ({len(buf)} bytes): the header could not be read ({e})"
-        ) from e
-    align = int(metadata.get("general.alignment", 32))
-    return GGUFHeader(version, metadata, tensors, -(-cur.pos // align) * align)
+            f"{path}: {field}: the file ends at byte {len(buf)}; it is truncated or corrupt"
+        ) from None
+    except GGUFError as e:
+        sep = " " if field.startswith("tensor '") else ": "  # "tensor 'x' has ..."
+        raise GGUFError(f"{path}: {field}{sep}{e}") from None
+    data_start = -(-cur.pos // alignment) * alignment
+    try:
+        check_extents(tensors, data_start, len(buf))
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    return GGUFHeader(version, metadata, tensors, data_start, types)
 
 
 def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
@@ -181,35 +165,30 @@ class GGUFFile:
         self.path = _check_path(path)
         with open(self.path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        header = _parse_header(self._mmap, self.path)
+        try:  # every check comes before the first view into the mmap, so it can still close
+            header = _parse_header(self._mmap, self.path)
+            for t in header.tensors:
+                if t.type_name != _GGML_I8 and t.type_name not in BLOCK_LAYOUT:
+                    raise GGUFError(
+                        f"{self.path}: tensor {t.name!r} uses ggml type {t.type_name}, which "
+                        f"minillm does not support (supported: {', '.join(BLOCK_LAYOUT)})"
+                    )
+        except GGUFError:
+            self._mmap.close()
+            raise
         self.version, self.metadata = header.version, header.metadata
+        self.tensor_infos: list[TensorInfo] = header.tensors
         self.tensors: dict[str, QuantTensor] = {}
         self.int8_tensors: dict[str, np.ndarray] = {}
-        size = len(self._mmap)
-        for t in header.tensors:
+        for t in header.tensors:  # extents were checked: each lies inside the file
+            start = header.data_start + t.offset
             if t.type_name == _GGML_I8:
-                start = header.data_start + t.offset
-                if start + t.n_elements > size:
-                    raise GGUFError(f"{self.path} is truncated: tensor {t.name} runs past the end")
                 data = np.frombuffer(self._mmap, np.int8, t.n_elements, start)
                 self.int8_tensors[t.name] = data.reshape(t.shape)
                 continue
-            if t.type_name not in BLOCK_LAYOUT:
-                raise GGUFError(
-                    f"{self.path}: tensor {t.name} uses ggml type {t.type_name}, which minillm "
-                    f"does not support (supported: {', '.join(BLOCK_LAYOUT)})"
-                )
-            elems, nbytes = BLOCK_LAYOUT[t.type_name]
-            rows = math.prod(t.shape[:-1])
-            row_bytes = t.shape[-1] // elems * nbytes
-            start = header.data_start + t.offset
-            if start + rows * row_bytes > size:
-                raise GGUFError(
-                    f"{self.path} is truncated: tensor {t.name} needs bytes up to "
-                    f"{start + rows * row_bytes}, the file has {size}"
-                )
-            data = np.frombuffer(self._mmap, np.uint8, rows * row_bytes, start)
-            self.tensors[t.name] = QuantTensor(t.type_name, data.reshape(rows, row_bytes), t.shape)
+            rows = t.n_elements // t.shape[-1]
+            data = np.frombuffer(self._mmap, np.uint8, t.nbytes, start)
+            self.tensors[t.name] = QuantTensor(t.type_name, data.reshape(rows, -1), t.shape)
 
     @property
     def architecture(self) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 
 from minillm.config import ModelConfig
 from minillm.formats.blocks import QuantTensor
-from minillm.formats.gguf import _ARRAY, _check_path, _Cursor
+from minillm.formats.gguf import read_header
 
 # our format name -> llama.cpp's "mostly X" file type (general.file_type)
 FILE_TYPES: dict[str, LlamaFileType] = {
@@ -64,22 +63,15 @@ class TypedValue:
 # ------------------------------------------------------------------------------ metadata
 def read_typed_metadata(path: str | os.PathLike[str]) -> dict[str, TypedValue]:
     """Every key/value of a GGUF file's header, with the type the file stores it as."""
-    import mmap
-
-    p = _check_path(path)
-    out: dict[str, TypedValue] = {}
-    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        n_kv = struct.unpack_from("<Q", buf, 16)[0]
-        cur = _Cursor(buf, 24)  # after magic, version u32, n_tensors u64, n_kv u64
-        for _ in range(n_kv):
-            key = cur.string()
-            vtype = cur.scalar("<I")
-            item = struct.unpack_from("<I", buf, cur.pos)[0] if vtype == _ARRAY else None
-            value = cur.value(vtype)
-            out[key] = TypedValue(
-                value, GGUFValueType(vtype), None if item is None else GGUFValueType(item)
-            )
-    return out
+    header = read_header(path)
+    return {
+        key: TypedValue(
+            header.metadata[key],
+            GGUFValueType(vtype),
+            None if item_type is None else GGUFValueType(item_type),
+        )
+        for key, (vtype, item_type) in header.value_types.items()
+    }
 
 
 def _typed(value: Any, default: GGUFValueType) -> TypedValue:

@@ -14,6 +14,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from minillm.formats.gguf import GGUFError
+from minillm.formats.gguf_check import check_gguf_model
 from minillm.hub import bundled
 from minillm.hub.errors import HubError, ModelNotFoundError
 from minillm.hub.modelfile import Modelfile, parse_modelfile
@@ -98,6 +100,11 @@ def create_model(
         ref = resolve(base_name)
     except ModelNotFoundError as e:  # say which instruction asked for it
         raise ModelNotFoundError(f"{path}: FROM {spec.from_!r}: {e}") from e
+    if ref.format == "gguf":  # a corrupt base would only fail later, at `run` or `serve`
+        try:
+            check_gguf_model(ref.path)
+        except GGUFError as e:
+            raise GGUFError(f"{path}: FROM {spec.from_!r}: {e}") from None
     spec.from_ = ref.name if parent is None else parent.from_
     manifest = Manifest(
         name=name,

@@ -11,8 +11,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from minillm.config import ModelConfig
+from minillm.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from minillm.formats.gguf import read_header as read_gguf_header
+from minillm.formats.gguf_check import check_model_header
 from minillm.hub.ref import ModelRef
 from minillm.hub.registry import tree_size
 from minillm.hub.resolver import resolve
@@ -47,15 +48,22 @@ def _gguf_file_type(md: dict[str, Any]) -> str | None:
         return None
     try:
         name = LlamaFileType(int(ft)).name
-    except ValueError:
-        return f"file type {ft}"
+    except (TypeError, ValueError):  # a type newer than gguf-py knows, or a corrupt value
+        return f"file type {ft!r:.40}"
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
+def _token_count(md: dict[str, Any]) -> int | None:
+    tokens = md.get("tokenizer.ggml.tokens")
+    return len(tokens) if isinstance(tokens, list) else None
+
+
 def describe_gguf(path: Path) -> dict[str, Any]:
+    """Facts from the header. A file minillm could not load fails here too (GGUFError), so
+    `show` never describes a corrupt file as if it were a model."""
     header = read_gguf_header(path)
     md = header.metadata
-    arch = str(md.get("general.architecture", "unknown"))
+    arch = md["general.architecture"]  # the reader made sure it is a non-empty string
     by_elements: Counter[str] = Counter()
     for t in header.tensors:
         by_elements[t.type_name] += t.n_elements
@@ -66,17 +74,16 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         "quantization": _gguf_file_type(md) or _dominant(by_elements),
         "tensor_types": dict(Counter(t.type_name for t in header.tensors)),
     }
-    has_output = any(t.name == "output.weight" for t in header.tensors)
-    try:
-        facts.update(_shape_facts(ModelConfig.from_gguf_metadata(md, has_output)))
-    except ValueError:  # an architecture minillm cannot run: still show what the header says
+    if arch in SUPPORTED_ARCHITECTURES:
+        facts.update(_shape_facts(check_model_header(path, md, header.tensors)))
+    else:  # an architecture minillm cannot run: still show what the header says
         facts.update(
             context_length=md.get(f"{arch}.context_length"),
             embedding_length=md.get(f"{arch}.embedding_length"),
             layers=md.get(f"{arch}.block_count"),
             heads=md.get(f"{arch}.attention.head_count"),
             kv_heads=md.get(f"{arch}.attention.head_count_kv"),
-            vocab_size=md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens", [])),
+            vocab_size=md.get(f"{arch}.vocab_size") or _token_count(md),
         )
     facts["chat_template"] = md.get("tokenizer.chat_template")
     facts["license"] = md.get("general.license")
