@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from minillm.tokenizer import Tokenizer
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
+# Chat data is shallow (a message, its content parts, tool calls); deeper is an error, not a
+# RecursionError from the copy below.
+MAX_DATA_DEPTH = 32
 
 # Used only when a model has no template of its own (a base model, or a file without one):
 # ChatML, the most common format. Such a model was never trained on it, so answers may be poor.
@@ -58,7 +61,7 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             )
         if "content" not in message:
             raise ValueError(f"messages[{i}] ({role}) has no 'content'")
-        out = _plain(dict(message))
+        out = _plain(dict(message), f"messages[{i}]")
         out["content"] = _flatten_content(message["content"], i, role, message)
         clean.append(out)
     return clean
@@ -88,15 +91,50 @@ def _flatten_content(content: Any, i: int, role: str, message: Mapping[str, Any]
     )
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, where: str = "chat template data", depth: int = 0) -> Any:
     """Rebuild user data from JSON types only, so the sandbox never sees custom objects."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if depth >= MAX_DATA_DEPTH:
+        raise ValueError(f"{where} is nested more than {MAX_DATA_DEPTH} levels deep")
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, where, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, where, depth + 1) for v in value]
     raise TypeError(f"chat template data must be JSON-like, got {type(value).__name__}")
+
+
+class TemplateOutputTooLong(ValueError):
+    """A template's output passed the caller's limit (most likely a runaway loop)."""
+
+
+def render_bounded(template: jinja2.Template, max_chars: int | None, **variables: Any) -> str:
+    """Render `template`, giving up as soon as its output passes `max_chars` (None: no limit).
+
+    Pieces are counted as the template yields them, so a runaway stops at the limit instead of
+    filling memory first.
+    """
+    if max_chars is None:
+        return template.render(**variables)
+    pieces, size = [], 0
+    for piece in template.generate(**variables):
+        size += len(piece)
+        if size > max_chars:
+            raise TemplateOutputTooLong(
+                f"the template's output is longer than {max_chars} characters"
+            )
+        pieces.append(piece)
+    return "".join(pieces)
+
+
+def template_failure(error: Exception) -> ValueError:
+    """A template's own error (a raise_exception, 1/0, a bad index) as a ValueError that says
+    so: a template is code, and its failure on a conversation is the caller's problem."""
+    if isinstance(error, TemplateOutputTooLong):
+        return error
+    if isinstance(error, jinja2.TemplateError):
+        return ValueError(f"chat template rejected the conversation: {error}")
+    return ValueError(f"chat template failed on this conversation: {type(error).__name__}: {error}")
 
 
 # ---------------------------------------------------------------------- the Jinja environment
@@ -166,18 +204,27 @@ class ChatTemplate:
         self,
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
+        *,
+        max_chars: int | None = None,
         **extra: Any,
     ) -> str:
-        """The prompt text. `extra` reaches the template as variables (tools, documents, ...)."""
+        """The prompt text. `extra` reaches the template as variables (tools, documents, ...);
+        `max_chars` caps the output (see `render_bounded`)."""
         clean = validate_messages(messages)
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token}
-        variables.update({k: _plain(v) for k, v in extra.items()})
+        variables.update({k: _plain(v, k) for k, v in extra.items()})
         try:
-            return self._template.render(
-                messages=clean, add_generation_prompt=add_generation_prompt, **variables
+            return render_bounded(
+                self._template,
+                max_chars,
+                messages=clean,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
             )
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template rejected the conversation: {e}") from e
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise template_failure(e) from e
 
     def __repr__(self) -> str:
         kind = "fallback ChatML" if self.is_fallback else f"{len(self.source)} chars"

@@ -1,11 +1,15 @@
 """Bad input gets a 4xx whose message names the problem, and the server serves the next request.
 
-Every case of the matrix is followed by a good request on the same server; at the end the
-engine thread is still alive, nothing is left in the engine and every KV block is free.
+The matrix (minillm/serve/bad_input.py, shared with benchmarks/probe_bad_input.py) follows
+every case with a good request on the same server; at the end the engine thread is still alive,
+nothing is left in the engine, no admission is left open and every KV block is free.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import threading
 import time
 
@@ -16,11 +20,10 @@ from fastapi.testclient import TestClient
 
 from minillm import LLM
 from minillm.serve import build_app, run_in_thread
+from minillm.serve.bad_input import CASES, KEY, LLM_KWARGS, MSGS, case_app, problems, send
 from minillm.testing import make_tiny_model
 
-KEY = "sk-test-errors"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-MSGS = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def load(path) -> LLM:
-    return LLM(str(path), backend="ref", block_size=4, kv_cache_memory="4MiB", max_model_len=64)
+    return LLM(str(path), **LLM_KWARGS)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +47,13 @@ def own_llm(tiny_dir) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def server(llm, free_port):
-    with run_in_thread(
-        build_app(llm, api_key=KEY, served_model_name="tiny"), port=free_port()
-    ) as srv:
+def app(llm):
+    return case_app(llm)
+
+
+@pytest.fixture(scope="module")
+def server(app, free_port):
+    with run_in_thread(app, port=free_port()) as srv:
         yield srv
 
 
@@ -61,154 +67,14 @@ def good_request_works(url: str) -> None:
     assert r.json()["usage"]["completion_tokens"] >= 1
 
 
-LONG = "the quick brown fox " * 40  # far more than max_model_len=64 tokens
 CHAT = "/v1/chat/completions"
 
 
-# (path, raw body or JSON, status, words the message must contain, param)
-CASES = [
-    (CHAT, b"{not json", 422, "not valid JSON", None),
-    (CHAT, b"[1, 2]", 422, "JSON object", None),
-    (CHAT, {"model": "tiny"}, 422, "messages: Field required", "messages"),
-    (CHAT, {"model": "tiny", "messages": []}, 400, "messages is empty", "messages"),
-    (
-        CHAT,
-        {"model": "tiny", "messages": "hello"},
-        422,
-        "messages: Input should be a valid list",
-        "messages",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
-        400,
-        "unknown role 'wizard'",
-        "messages",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": [{"role": "user", "content": 5}]},
-        400,
-        "content must be a str",
-        "messages",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "temperature": "hot"},
-        422,
-        "temperature",
-        "temperature",
-    ),
-    (CHAT, {"model": "tiny", "messages": MSGS, "max_tokens": 1.5}, 422, "max_tokens", "max_tokens"),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "temperature": -0.5},
-        400,
-        "temperature must be >= 0",
-        "temperature",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "top_p": 1.5},
-        400,
-        "top_p must be in (0, 1]",
-        "top_p",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "presence_penalty": 3},
-        400,
-        "presence_penalty must be in [-2, 2]",
-        "presence_penalty",
-    ),
-    (CHAT, {"model": "tiny", "messages": MSGS, "n": 0}, 400, "n must be at least 1", "n"),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "max_tokens": 0},
-        400,
-        "max_tokens must be at least 1",
-        "max_tokens",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "logprobs": True, "top_logprobs": 50},
-        400,
-        "logprobs must be None or in [0, 20]",
-        "logprobs",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "top_logprobs": 2},
-        400,
-        "top_logprobs requires logprobs=true",
-        "top_logprobs",
-    ),
-    (CHAT, {"model": "gpt-4", "messages": MSGS}, 404, "'gpt-4' does not exist", "model"),
-    (
-        CHAT,
-        {"model": "tiny", "messages": [{"role": "user", "content": LONG}]},
-        400,
-        "context length is 64 tokens",
-        "messages",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "max_tokens": 1000},
-        400,
-        "max_tokens=1000 is too large",
-        "max_tokens",
-    ),
-    (
-        CHAT,
-        {"model": "tiny", "messages": MSGS, "logit_bias": {"5": 1.0}},
-        400,
-        "logit_bias is not supported",
-        "logit_bias",
-    ),
-    ("/v1/completions", {"model": "tiny"}, 422, "prompt: Field required", "prompt"),
-    ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt is empty", "prompt"),
-    (
-        "/v1/completions",
-        {"model": "tiny", "prompt": [999999]},
-        400,
-        "token ids must be in",
-        "prompt",
-    ),
-    ("/v1/completions", {"model": "tiny", "prompt": LONG}, 400, "context length is 64", "prompt"),
-    (
-        "/v1/completions",
-        {"model": "tiny", "prompt": "x", "stop": [""]},
-        400,
-        "stop strings must not be empty",
-        "stop",
-    ),
-    ("/v1/embeddings", {"model": "tiny", "input": LONG}, 400, "context length is 64", "input"),
-    (
-        "/v1/embeddings",
-        {"model": "tiny", "input": "x", "dimensions": 3},
-        400,
-        "dimensions",
-        "dimensions",
-    ),
-    ("/v1/nothing-here", {}, 404, "no route POST /v1/nothing-here", None),
-]
-
-
-@pytest.mark.parametrize(
-    ("path", "body", "status", "needle", "param"),
-    CASES,
-    ids=[f"{c[0]}-{c[2]}-{c[3][:24]}" for c in CASES],
-)
-def test_bad_input_matrix(server, path, body, status, needle, param):
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(
-        server.url + path, headers={**AUTH, "content-type": "application/json"}, **kwargs
-    )
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert needle in err["message"], err["message"]
-    assert err["param"] == param and err["code"] == status
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_matrix(server, case):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        r = send(client, case)
+    assert not problems(case, r), (problems(case, r), r.text[:300])
     good_request_works(server.url)
 
 
@@ -226,19 +92,20 @@ def test_openai_sdk_raises_the_matching_exceptions(server):
     good_request_works(server.url)
 
 
-def test_api_key_guards_both_apis_but_not_probes(server):
-    for path in ("/v1/models", "/api/tags"):
+def test_api_key_guards_everything_but_the_probes(server):
+    closed = ("/v1/models", "/api/tags", "/docs", "/redoc", "/openapi.json", "/metrics")
+    for path in closed:
         missing = httpx.get(server.url + path)
-        assert missing.status_code == 401 and "missing API key" in missing.text
+        assert missing.status_code == 401 and "missing API key" in missing.text, path
+        assert httpx.get(server.url + path, headers=AUTH).status_code == 200, path
     r = httpx.post(
         server.url + "/api/chat",
         json={"model": "tiny", "messages": MSGS},
         headers={"Authorization": "Bearer nope"},
     )
     assert r.status_code == 401 and "wrong API key" in r.json()["error"]  # Ollama shape
-    for path in ("/health", "/metrics", "/version", "/api/version"):
+    for path in ("/", "/health", "/version", "/api/version"):
         assert httpx.get(server.url + path).status_code == 200, path
-    assert httpx.get(server.url + "/v1/models", headers=AUTH).status_code == 200
 
 
 def test_a_stream_that_fails_late_ends_with_an_error_event(server, llm):
@@ -279,30 +146,45 @@ def test_engine_not_running_is_503(own_llm):
         assert ok.status_code == 200
 
 
-def test_overloaded_server_says_503_and_recovers(own_llm, free_port):
+@pytest.fixture
+def gate(own_llm):
+    """Engine steps wait until the test opens the gate, so requests stay in flight."""
+    opened = threading.Event()
+    real_step = own_llm.engine.step
+
+    def gated():
+        assert opened.wait(60), "the test never opened the gate"
+        return real_step()
+
+    own_llm.engine.step = gated
+    yield opened
+    opened.set()
+    own_llm.engine.step = real_step
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
+def test_overloaded_server_says_503_and_recovers(own_llm, free_port, gate):
     app = build_app(own_llm, served_model_name="tiny", max_queued_requests=1)
+    serving = app.state.serving
     with run_in_thread(app, port=free_port()) as srv:
-        body = {
-            "model": "tiny",
-            "messages": MSGS,
-            "max_tokens": 40,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        started = threading.Event()
+        body = {"model": "tiny", "messages": MSGS, "max_tokens": 4, "stream": True}
         lines: list[str] = []
 
         def long_stream():
             with httpx.stream("POST", srv.url + CHAT, json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    started.set()
-                    if line:  # SSE events are separated by blank lines
-                        lines.append(line)
+                lines.extend(line for line in r.iter_lines() if line)
 
         t = threading.Thread(target=long_stream)
         t.start()
-        assert started.wait(30)
+        wait_for(lambda: serving.in_flight == 1)
         busy = httpx.post(srv.url + CHAT, json={"model": "tiny", "messages": MSGS})
+        gate.set()
         t.join(60)
         assert busy.status_code == 503 and "overloaded" in busy.json()["error"]["message"]
         assert lines[-1] == "data: [DONE]"
@@ -310,7 +192,78 @@ def test_overloaded_server_says_503_and_recovers(own_llm, free_port):
         assert ok.status_code == 200
 
 
-def test_after_all_that_the_engine_is_healthy_and_empty(server, llm):
+def test_an_internal_error_is_logged_with_an_id_and_not_shown(server, llm, caplog):
+    """A bug is a 500 that gives an id to quote; the exception's text, which can carry paths
+    and prompts, goes only to the log."""
+    real = llm.engine.add_request
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail /home/someone/model.gguf")
+
+    llm.engine.add_request = broken
+    try:
+        with caplog.at_level(logging.ERROR, logger="minillm.serve"):
+            replies = [
+                httpx.post(
+                    server.url + CHAT,
+                    headers=AUTH,
+                    json={"model": "tiny", "messages": MSGS, "max_tokens": 2},
+                ),
+                httpx.post(
+                    server.url + "/api/chat",
+                    headers=AUTH,
+                    json={"model": "tiny", "messages": MSGS, "stream": False},
+                ),
+                httpx.post(
+                    server.url + CHAT,
+                    headers=AUTH,
+                    json={"model": "tiny", "messages": MSGS, "max_tokens": 2, "stream": True},
+                ),
+            ]
+    finally:
+        llm.engine.add_request = real
+    for r in replies:
+        assert "secret" not in r.text and "RuntimeError" not in r.text, r.text
+        error_id = re.search(r"internal server error \(id (err-[0-9a-f]+);", r.text).group(1)
+        logged = [rec for rec in caplog.records if error_id in rec.getMessage()]
+        assert len(logged) == 1 and "secret detail" in str(logged[0].exc_info[1])
+    assert [r.status_code for r in replies] == [500, 500, 200]  # a stream reports an event
+    good_request_works(server.url)
+
+
+def test_capacity_counts_sequences_and_refuses_a_stream_before_its_header(own_llm, free_port, gate):
+    app = build_app(own_llm, served_model_name="tiny", max_queued_requests=4)
+    serving = app.state.serving
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 3, "stream": True}
+    with run_in_thread(app, port=free_port()) as srv:
+        held: list[str] = []
+
+        def stream_n4():
+            with httpx.stream("POST", srv.url + CHAT, json={**body, "n": 4}, timeout=60) as r:
+                held.extend(line for line in r.iter_lines() if line)
+
+        t = threading.Thread(target=stream_n4)
+        t.start()
+        wait_for(lambda: serving.in_flight == 4)  # one request, four sequences
+        with httpx.stream("POST", srv.url + CHAT, json=body, timeout=60) as r:
+            status, refused = r.status_code, json.loads(r.read())
+        assert status == 503, refused  # the status itself, not a 200 and an error event
+        assert "4 sequences in flight and this request needs 1 (limit 4)" in str(refused)
+        six = httpx.post(
+            srv.url + "/v1/completions",
+            json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1},
+        )
+        assert six.status_code == 400 and "needs 6 sequences (3 prompts x n=2)" in six.text
+        gate.set()
+        t.join(60)
+        assert held[-1] == "data: [DONE]"
+        wait_for(lambda: serving.in_flight == 0)  # released once the stream was sent
+        again = httpx.post(srv.url + CHAT, json={**body, "n": 4, "stream": False}, timeout=60)
+        assert again.status_code == 200 and len(again.json()["choices"]) == 4
+        assert serving.in_flight == 0
+
+
+def test_after_all_that_the_engine_is_healthy_and_empty(server, llm, app):
     good_request_works(server.url)
     deadline = time.monotonic() + 10
     while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
@@ -319,3 +272,4 @@ def test_after_all_that_the_engine_is_healthy_and_empty(server, llm):
     assert not llm.engine.has_unfinished_requests()
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+    assert app.state.serving.in_flight == 0

@@ -359,7 +359,8 @@ def test_minillm_serve_command_line(tiny_dir, free_port, tmp_path):
         body = {"model": "cli-tiny", "prompt": "the same long prompt, twice " * 2, "max_tokens": 3}
         for _ in range(2):
             assert httpx.post(url + "/v1/completions", json=body, headers=auth).status_code == 200
-        metrics = httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/metrics").status_code == 401  # the key guards it too
+        metrics = httpx.get(url + "/metrics", headers=auth).text
         assert 'vllm:prefix_cache_hits_total{model_name="cli-tiny"} 0.0' in metrics
     finally:
         proc.terminate()

@@ -24,7 +24,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from minillm.chat import validate_messages
+from minillm.chat import render_bounded, template_failure, validate_messages
 
 _ACTION = re.compile(r"\{\{(-?)(.*?)(-?)\}\}", re.S)
 _TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|`[^`]*`|\(|\)|[^\s()]+)')
@@ -196,15 +196,29 @@ class GoChatTemplate:
         self.uses_messages = bool(re.search(r"\.Messages\b", source))
 
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **_: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        max_chars: int | None = None,
+        **_: Any,
     ) -> str:
+        """The prompt text; `max_chars` caps it (see `minillm.chat.render_bounded`)."""
         clean = validate_messages(messages)
+        try:
+            return self._render(clean, max_chars)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise template_failure(e) from e
+
+    def _render(self, clean: list[dict[str, Any]], max_chars: int | None) -> str:
         system = "\n".join(m["content"] or "" for m in clean if m["role"] == "system")
         turns = [m for m in clean if m["role"] != "system"]
         if self.uses_messages:
             msgs = [{"Role": m["role"], "Content": m["content"] or ""} for m in clean]
             last_user = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
-            return self._run(System=system, Messages=msgs, Prompt=last_user, Response="")
+            return self._run(max_chars, System=system, Messages=msgs, Prompt=last_user, Response="")
         pairs: list[tuple[str, str | None]] = []  # (prompt, answer); None: to be answered
         pending: str | None = None
         for m in turns:
@@ -217,9 +231,10 @@ class GoChatTemplate:
                 pending = m["content"] or ""
         if pending is not None:
             pairs.append((pending, None))
-        out = []
+        out, size = [], 0
         for k, (prompt, answer) in enumerate(pairs):
             text = self._run(
+                None if max_chars is None else max_chars - size,
                 System=system if k == 0 else "",
                 Prompt=prompt,
                 First=k == 0,
@@ -227,7 +242,8 @@ class GoChatTemplate:
             )
             # the turn the model answers stops where the answer goes
             out.append(text.split(_RESPONSE_MARK)[0] if answer is None else text)
+            size += len(out[-1])
         return "".join(out)
 
-    def _run(self, **root: Any) -> str:
-        return self._jinja.render(go_root=root)
+    def _run(self, max_chars: int | None, **root: Any) -> str:
+        return render_bounded(self._jinja, max_chars, go_root=root)

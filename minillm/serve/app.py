@@ -6,20 +6,26 @@
         openai.OpenAI(base_url=server.url + "/v1", api_key="sk-...")
 
 Routes: OpenAI /v1/* (openai_api.py), Ollama /api/* (ollama_api.py), /metrics (Prometheus),
-/health, /version. With an API key, /v1/* and /api/* need `Authorization: Bearer KEY`;
-/health, /metrics and /version stay open for probes and scrapers, as in vLLM.
+/health, /version. A request passes these layers, outermost first, each refusing with an
+error shaped like the API it asked for:
+
+1. browser_guard.py: foreign web origins and DNS-rebinding Host names (403), non-JSON bodies
+   (415); CORS headers for allowed origins;
+2. auth.py: with an API key, everything but the probes (/, /health, /version, /api/version)
+   needs `Authorization: Bearer KEY` (401), the API docs and /metrics included;
+3. body_limit.py: bodies over `max_body_bytes` (413);
+4. the routes: JSON parsed and checked off the event loop (json_body.py), then each API's own
+   checks (400/404/422), admission for the sequences a request runs (503 when overloaded).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -27,60 +33,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import minillm
+from minillm.chat_sandbox import RENDER_TIMEOUT
 from minillm.hub.modelfile import Modelfile
 from minillm.llm import LLM
-from minillm.serve.engine_client import ServingEngine
-from minillm.serve.errors import error_response, install_error_handlers
-from minillm.serve.ollama_api import ollama_router
-from minillm.serve.openai_api import openai_router
-
-PROTECTED_PREFIXES = ("/v1/", "/api/")
-OPEN_PATHS = ("/api/version",)
-
-
-class APIKeyMiddleware:
-    """Pure ASGI (not BaseHTTPMiddleware), so streaming responses and disconnects pass through
-    untouched. Compares keys in constant time."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if (
-            scope["type"] == "http"
-            and path.startswith(PROTECTED_PREFIXES)
-            and path not in OPEN_PATHS
-            and scope.get("method") != "OPTIONS"
-        ):
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                why = "missing" if not given else "wrong"
-                response = error_response(
-                    path,
-                    401,
-                    f"unauthorized: {why} API key (send the header `Authorization: Bearer <key>`)",
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class JSONBodyMiddleware:
-    """Treat every POST body as JSON, whatever its Content-Type says.
-
-    `curl -d '{...}'` (how Ollama's docs call the API) sends application/x-www-form-urlencoded,
-    and FastAPI only parses JSON bodies labelled as such; Ollama and vLLM read the JSON anyway.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
+from minillm.serve.auth import APIKeyMiddleware
+from minillm.serve.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from minillm.serve.browser_guard import BrowserGuardMiddleware, OriginPolicy, PolicyCORSMiddleware
+from minillm.serve.engine_client import DEFAULT_MAX_N, ServingEngine
+from minillm.serve.errors import install_error_handlers
+from minillm.serve.model_facts import public_model_name
+from minillm.serve.ollama_api import router as ollama_router
+from minillm.serve.openai_api import router as openai_router
 
 
 def build_app(
@@ -90,13 +53,35 @@ def build_app(
     served_model_name: str | Sequence[str] | None = None,
     profile: Modelfile | None = None,
     max_queued_requests: int = 512,
+    max_n: int = DEFAULT_MAX_N,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_origins: Sequence[str] = (),
+    template_timeout: float = RENDER_TIMEOUT,
 ) -> FastAPI:
     """A FastAPI app serving `llm`. The engine thread starts and stops with the app's lifespan
-    (so a TestClient used without `with` sees a 503 "not running")."""
-    if served_model_name is None:
-        served_model_name = llm.loaded.name
+    (so a TestClient used without `with` sees a 503 "not running").
+
+    max_queued_requests: sequences in flight before new requests get a 503 (n=4 counts 4).
+    max_n: the largest `n` a request may ask for. max_body_bytes: larger bodies get a 413.
+    allowed_origins: web origins allowed besides loopback ones (see browser_guard.py; the
+    MINILLM_ORIGINS environment variable adds more). template_timeout: seconds a user-supplied
+    template (Ollama's `template`, a Modelfile's TEMPLATE) may take to render.
+    """
+    aliases: list[str] = []
+    if served_model_name is None:  # the model as loaded; a path is shown by its last part
+        served_model_name = public_model_name(llm.loaded.name)
+        if served_model_name != llm.loaded.name:
+            aliases.append(llm.loaded.name)
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
-    serving = ServingEngine(llm, names, profile, max_queued_requests)
+    serving = ServingEngine(
+        llm,
+        names,
+        profile,
+        max_queued_requests=max_queued_requests,
+        max_n=max_n,
+        template_timeout=template_timeout,
+        aliases=aliases,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -109,8 +94,8 @@ def build_app(
     app = FastAPI(title="minillm", version=minillm.__version__, lifespan=lifespan)
     app.state.serving = serving
     install_error_handlers(app)
-    app.include_router(openai_router(serving))
-    app.include_router(ollama_router(serving))
+    app.include_router(openai_router)
+    app.include_router(ollama_router)
 
     @app.get("/health")
     async def health() -> Response:
@@ -130,9 +115,13 @@ def build_app(
     async def root() -> Response:  # Ollama clients probe "/" for "... is running"
         return PlainTextResponse("minillm is running")
 
-    app.add_middleware(JSONBodyMiddleware)
-    if api_key:  # added last, so it runs first
+    # added innermost first: the last one added runs first
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    policy = OriginPolicy(allowed_origins)
+    app.add_middleware(PolicyCORSMiddleware, policy=policy)
+    app.add_middleware(BrowserGuardMiddleware, policy=policy)
     return app
 
 

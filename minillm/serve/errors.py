@@ -5,15 +5,19 @@ status into BadRequestError (400), AuthenticationError (401), NotFoundError (404
 UnprocessableEntityError (422) or InternalServerError (5xx), and shows the message.
 Ollama (/api/...): {"error": "message"}.
 
-Statuses: 400 a value the engine cannot use (out of range, prompt longer than the context),
-401 wrong API key, 404 unknown model or path, 422 a body that is not JSON or has wrong types
-(400 for Ollama, which does not use 422), 503 the engine is not running or is overloaded.
+Statuses: 400 a value the engine cannot use (out of range, prompt longer than the context, a
+template that fails or runs over its budget), 401 wrong API key, 403 a foreign browser origin or
+Host, 404 unknown model or path, 413 a body over the size limit, 415 a body that is not JSON,
+422 a body that is not JSON or has wrong types (400 for Ollama, which does not use 422), 503 the
+engine is not running or is overloaded. A 500 is a bug: its details go to the log under a
+request id, never to the client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,20 +30,30 @@ log = logging.getLogger("minillm.serve")
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
+    403: "PermissionDeniedError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
     422: "UnprocessableEntityError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
 
 
-class APIError(Exception):
-    """An error the client should see: status, a message naming the problem, the field."""
+class APIError(StarletteHTTPException):
+    """An error the client should see: status, a message naming the problem, the field.
+
+    An HTTPException, so FastAPI lets it through while it reads a request body (see
+    json_body.py) and the handler below still shapes it for the API the path belongs to.
+    """
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status_code=status, detail=message)
         self.status, self.message, self.param = status, message, param
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -133,5 +147,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(request.url.path, 500, f"internal server error: {exc!r}")
+        return error_response(request.url.path, 500, internal_error(request.url.path, exc))
+
+
+def internal_error(where: str, exc: BaseException) -> str:
+    """Log a bug with its traceback under a fresh id; the client's message gives only the id
+    (exception text can carry paths, prompts or internals)."""
+    error_id = f"err-{uuid.uuid4().hex[:12]}"
+    log.error("internal error %s on %s", error_id, where, exc_info=exc)
+    return f"internal server error (id {error_id}; the server log has the details)"

@@ -15,32 +15,33 @@ Modelfile's PARAMETERs, then the request's options.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
 
 import minillm
 from minillm.engine.outputs import RequestOutput
-from minillm.hub.modelfile import compile_template, convert_parameter, sampling_kwargs
+from minillm.hub.modelfile import convert_parameter, sampling_kwargs
 from minillm.sampling import SamplingParams
-from minillm.serve.embeddings import embed_many
-from minillm.serve.engine_client import ServingEngine
-from minillm.serve.errors import APIError, bad_request, from_value_error
+from minillm.serve.admission import AdmittedStreamingResponse
+from minillm.serve.engine_client import ServingEngine, get_serving
+from minillm.serve.errors import APIError, bad_request, from_value_error, internal_error
+from minillm.serve.json_body import CheckedJSONRoute
 from minillm.serve.protocol import (
     OllamaChatRequest,
     OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaShowRequest,
 )
+
+router = APIRouter(route_class=CheckedJSONRoute)
+Serving = Depends(get_serving)
 
 # Ollama's own defaults (docs/modelfile.md), used where neither a Modelfile nor the request
 # says otherwise. repeat_penalty there looks back 64 tokens; minillm's covers the whole context.
@@ -97,302 +98,267 @@ def make_params(kwargs: dict[str, Any], prompt_len: int, limit: int) -> Sampling
         raise from_value_error(e) from e
 
 
-class _ModelFacts:
-    """What /api/tags, /api/show and /api/ps say about the served model (read once)."""
+def load_reply(model: str, chat: bool) -> dict[str, Any]:
+    """What Ollama answers to an empty prompt: "the model is loaded"."""
+    body: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
+    body.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+    return {**body, "done": True, "done_reason": "load"}
 
-    def __init__(self, serving: ServingEngine) -> None:
-        self.serving = serving
 
-    @cached_property
-    def facts(self) -> dict[str, Any]:
-        from minillm.hub.info import describe
-        from minillm.hub.ref import ref_for_path
+def final_fields(out: RequestOutput, started: float) -> dict[str, Any]:
+    m, c = out.metrics, out.outputs[0]
+    return {
+        "done": True,
+        "done_reason": c.finish_reason or "stop",
+        "total_duration": ns(time.perf_counter() - started),
+        "load_duration": 0,
+        "prompt_eval_count": m.num_prompt_tokens,
+        "prompt_eval_duration": ns(m.prompt_eval_duration),
+        "eval_count": m.num_generation_tokens,
+        "eval_duration": ns(m.eval_duration),
+    }
 
-        loaded = self.serving.llm.loaded
-        return describe(ref_for_path(loaded.path, name=self.serving.model_name))
 
-    @cached_property
-    def digest(self) -> str:
-        f = self.facts
-        return hashlib.sha256(f"{f['path']}:{f['size']}".encode()).hexdigest()
+class TextDelta:
+    """The engine's outputs are cumulative; this yields the text each one adds. The one place
+    to change once the engine emits deltas itself (RequestOutputKind.DELTA)."""
 
-    def details(self) -> dict[str, Any]:
-        f = self.facts
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def new(self, out: RequestOutput) -> str:
+        text = out.outputs[0].text
+        piece, self.sent = text[self.sent :], max(self.sent, len(text))
+        return piece
+
+
+@dataclass
+class Reply:
+    """One /api/generate or /api/chat answer: streamed as NDJSON lines, or one object."""
+
+    serving: ServingEngine
+    ids: list[int]
+    params: SamplingParams
+    model: str
+    chat: bool
+    context: bool  # /api/generate returns the tokens as `context` for the next call
+    started: float = field(default_factory=time.perf_counter)
+    rid: str = field(default_factory=lambda: f"ollama-{uuid.uuid4().hex}")
+
+    def piece(self, text: str) -> dict[str, Any]:
+        if self.chat:
+            return {"message": {"role": "assistant", "content": text}}
+        return {"response": text}
+
+    def extra(self, out: RequestOutput) -> dict[str, Any]:
+        if not self.context:
+            return {}
+        return {"context": list(out.prompt_token_ids) + list(out.outputs[0].token_ids)}
+
+    def last(self, out: RequestOutput, text: str) -> dict[str, Any]:
         return {
-            "parent_model": self.serving.profile.from_ if self.serving.profile else "",
-            "format": f["format"],
-            "family": f["architecture"],
-            "families": [f["architecture"]],
-            "parameter_size": f["parameter_size"],
-            "quantization_level": str(f["quantization"]),
+            "model": self.model,
+            "created_at": now_rfc3339(),
+            **self.piece(text),
+            **final_fields(out, self.started),
+            **self.extra(out),
         }
 
-    def model_info(self) -> dict[str, Any]:
-        f, arch = self.facts, self.facts["architecture"]
-        info = {"general.architecture": arch, "general.parameter_count": f["parameters"]}
-        for key, name in (
-            ("context_length", "context_length"),
-            ("embedding_length", "embedding_length"),
-            ("block_count", "layers"),
-            ("attention.head_count", "heads"),
-            ("attention.head_count_kv", "kv_heads"),
-            ("vocab_size", "vocab_size"),
-        ):
-            if f.get(name) is not None:
-                info[f"{arch}.{key}"] = f[name]
-        return info
+    async def whole(self, request: Request) -> dict[str, Any]:
+        try:
+            out = await self.serving.generate_to_end(self.ids, self.params, self.rid, request)
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+        return self.last(out, out.outputs[0].text)
 
-    def modified_at(self) -> str:
-        path = self.serving.llm.loaded.path
-        return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat()
+    async def lines(self) -> AsyncIterator[str]:
+        final, delta = None, TextDelta()
+        gen = self.serving.generate(self.ids, self.params, self.rid)
+        try:
+            async for out in gen:
+                final, text = out, delta.new(out)
+                if text:
+                    yield _line(
+                        {
+                            "model": self.model,
+                            "created_at": now_rfc3339(),
+                            **self.piece(text),
+                            "done": False,
+                        }
+                    )
+        except APIError as e:
+            yield _line({"error": e.message})
+            return
+        except ValueError as e:
+            yield _line({"error": str(e)})
+            return
+        except Exception as e:  # noqa: BLE001 - the stream must end with a readable line
+            yield _line({"error": internal_error("/api/chat" if self.chat else "/api/generate", e)})
+            return
+        finally:
+            await gen.aclose()
+        if final is not None:
+            yield _line(self.last(final, ""))
 
 
-def ollama_router(serving: ServingEngine) -> APIRouter:
-    router = APIRouter()
-    facts = _ModelFacts(serving)
+async def respond(reply: Reply, stream: bool, request: Request) -> Any:
+    """Admit the request, then stream it or wait for its end."""
+    if stream:
+        return AdmittedStreamingResponse(
+            reply.lines(), reply.serving.admit(1), media_type="application/x-ndjson"
+        )
+    with reply.serving.admit(1):
+        return await reply.whole(request)
 
-    def load_reply(model: str, chat: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
-        body.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
-        return {**body, "done": True, "done_reason": "load"}
 
-    def final_fields(out: RequestOutput, started: float) -> dict[str, Any]:
-        m, c = out.metrics, out.outputs[0]
-        return {
-            "done": True,
-            "done_reason": c.finish_reason or "stop",
-            "total_duration": ns(time.perf_counter() - started),
-            "load_duration": 0,
-            "prompt_eval_count": m.num_prompt_tokens,
-            "prompt_eval_duration": ns(m.prompt_eval_duration),
-            "eval_count": m.num_generation_tokens,
-            "eval_duration": ns(m.eval_duration),
-        }
+# ---------------------------------------------------------------------------- generate / chat
+@router.post("/api/generate", response_model=None)
+async def generate(
+    req: OllamaGenerateRequest, request: Request, serving: ServingEngine = Serving
+) -> Any:
+    model = serving.check_model(req.model, required=True)
+    _unsupported(images=req.images, format=req.format)
+    if not req.prompt and not req.context:
+        serving.check_ready()
+        return load_reply(model, chat=False)
+    kwargs, num_ctx = parse_options(req.options, serving)
+    serving.check_ready()
+    if req.raw:
+        prompt = req.prompt
+    else:
+        messages = [{"role": "system", "content": req.system}] if req.system else []
+        messages.append({"role": "user", "content": req.prompt})
+        prompt = await serving.chat_prompt(messages, template=req.template)
+    ids = await serving.encode(prompt, None, num_ctx, param="prompt", prefix=req.context or [])
+    limit = min(serving.max_model_len, num_ctx or serving.max_model_len)
+    params = make_params(kwargs, len(ids), limit)
+    reply = Reply(serving, ids, params, model, chat=False, context=not req.raw)
+    return await respond(reply, req.stream, request)
 
-    async def respond(
-        ids: list[int],
-        params: SamplingParams,
-        model: str,
-        chat: bool,
-        stream: bool,
-        request: Request,
-        context: bool,
-    ) -> Any:
-        started = time.perf_counter()
-        rid = f"ollama-{uuid.uuid4().hex}"
 
-        def piece(text: str) -> dict[str, Any]:
-            return (
-                {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+@router.post("/api/chat", response_model=None)
+async def chat(req: OllamaChatRequest, request: Request, serving: ServingEngine = Serving) -> Any:
+    model = serving.check_model(req.model, required=True)
+    _unsupported(format=req.format, tools=req.tools)
+    if not req.messages:
+        serving.check_ready()
+        return load_reply(model, chat=True)
+    for i, m in enumerate(req.messages):
+        if isinstance(m, dict) and m.get("images"):
+            raise bad_request(
+                f"messages[{i}].images: images are not supported by minillm", "messages"
             )
+    kwargs, num_ctx = parse_options(req.options, serving)
+    serving.check_ready()
+    prompt = await serving.chat_prompt(req.messages)
+    ids = await serving.encode(prompt, None, num_ctx)
+    limit = min(serving.max_model_len, num_ctx or serving.max_model_len)
+    params = make_params(kwargs, len(ids), limit)
+    reply = Reply(serving, ids, params, model, chat=True, context=False)
+    return await respond(reply, req.stream, request)
 
-        def extra(out: RequestOutput) -> dict[str, Any]:
-            if not context:
-                return {}
-            return {"context": list(out.prompt_token_ids) + list(out.outputs[0].token_ids)}
 
-        if not stream:
-            try:
-                out = await serving.generate_to_end(ids, params, rid, request)
-            except ValueError as e:
-                raise bad_request(str(e)) from e
-            return {
-                "model": model,
-                "created_at": now_rfc3339(),
-                **piece(out.outputs[0].text),
-                **final_fields(out, started),
-                **extra(out),
+# ---------------------------------------------------------------------------- embeddings
+@router.post("/api/embed")
+async def embed(req: OllamaEmbedRequest, serving: ServingEngine = Serving) -> dict[str, Any]:
+    started = time.perf_counter()
+    model = serving.check_model(req.model, required=True)
+    serving.check_ready()
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    limit = serving.max_model_len
+    ids = []
+    for i, text in enumerate(inputs):
+        count, tokens = await serving.tokenize(text, limit)  # the first `limit` ids
+        if not count:
+            raise bad_request(f"input[{i}] is empty: it has no tokens", "input")
+        if count > limit and not req.truncate:
+            raise bad_request(
+                f"input[{i}] is {count} tokens long, more than the context length {limit} "
+                "(set truncate to true to cut it)",
+                "input",
+            )
+        ids.append(tokens)
+    vectors = await serving.embed(ids)
+    return {
+        "model": model,
+        "embeddings": vectors,
+        "total_duration": ns(time.perf_counter() - started),
+        "load_duration": 0,
+        "prompt_eval_count": sum(len(x) for x in ids),
+    }
+
+
+# ---------------------------------------------------------------------------- about the model
+@router.get("/api/tags")
+async def tags(serving: ServingEngine = Serving) -> dict[str, Any]:
+    facts = serving.facts
+    return {
+        "models": [
+            {
+                "name": n,
+                "model": n,
+                "modified_at": facts.modified_at(),
+                "size": facts.size,
+                "digest": facts.digest,
+                "details": facts.details(),
             }
+            for n in serving.names
+        ]
+    }
 
-        async def lines() -> AsyncIterator[str]:
-            sent, final = 0, None
-            gen = serving.generate(ids, params, rid)
-            try:
-                async for out in gen:
-                    final, text = out, out.outputs[0].text
-                    if len(text) > sent:
-                        yield _line(
-                            {
-                                "model": model,
-                                "created_at": now_rfc3339(),
-                                **piece(text[sent:]),
-                                "done": False,
-                            }
-                        )
-                        sent = len(text)
-            except APIError as e:
-                yield _line({"error": e.message})
-                return
-            except Exception as e:  # noqa: BLE001 - the stream must end with a readable line
-                yield _line({"error": str(e) or repr(e)})
-                return
-            finally:
-                await gen.aclose()
-            if final is not None:
-                yield _line(
-                    {
-                        "model": model,
-                        "created_at": now_rfc3339(),
-                        **piece(""),
-                        **final_fields(final, started),
-                        **extra(final),
-                    }
-                )
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+@router.post("/api/show")
+async def show(req: OllamaShowRequest, serving: ServingEngine = Serving) -> dict[str, Any]:
+    model = serving.check_model(req.model or req.name, required=True)
+    profile, facts = serving.profile, serving.facts
+    template = (
+        profile.template
+        if profile and profile.template
+        else serving.llm.loaded.chat_template.source
+    )
+    body = {
+        "modelfile": facts.modelfile(),
+        "parameters": profile.parameters_text() if profile else "",
+        "template": template,
+        "details": facts.details(),
+        "model_info": facts.model_info(),
+        "capabilities": ["completion", "embedding"],
+        "modified_at": facts.modified_at(),
+    }
+    if profile and profile.system:
+        body["system"] = profile.system
+    license_text = facts.license()
+    if license_text:
+        body["license"] = license_text
+    body["model"] = model
+    return body
 
-    # ------------------------------------------------------------------ generate / chat
-    @router.post("/api/generate", response_model=None)
-    async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
-        model = serving.check_model(req.model, required=True)
-        serving.check_ready()
-        _unsupported(images=req.images, format=req.format)
-        if not req.prompt and not req.context:
-            return load_reply(model, chat=False)
-        kwargs, num_ctx = parse_options(req.options, serving)
-        if req.raw:
-            prompt = req.prompt
-        else:
-            messages = [{"role": "system", "content": req.system}] if req.system else []
-            messages.append({"role": "user", "content": req.prompt})
-            if req.template:
-                try:
-                    render = compile_template(req.template).render
-                    prompt = render(
-                        serving.profile.conversation(messages) if serving.profile else messages
-                    )
-                except ValueError as e:
-                    raise bad_request(f"template: {e}", "template") from e
-            else:
-                prompt = serving.chat_prompt(messages)
-        ids = (req.context or []) + (serving.llm.tokenizer.encode(prompt) if prompt else [])
-        ids = serving.encode(ids, None, num_ctx, param="prompt")
-        limit = min(serving.max_model_len, num_ctx or serving.max_model_len)
-        params = make_params(kwargs, len(ids), limit)
-        return await respond(ids, params, model, False, req.stream, request, context=not req.raw)
 
-    @router.post("/api/chat", response_model=None)
-    async def chat(req: OllamaChatRequest, request: Request) -> Any:
-        model = serving.check_model(req.model, required=True)
-        serving.check_ready()
-        _unsupported(format=req.format, tools=req.tools)
-        if not req.messages:
-            return load_reply(model, chat=True)
-        for i, m in enumerate(req.messages):
-            if isinstance(m, dict) and m.get("images"):
-                raise bad_request(
-                    f"messages[{i}].images: images are not supported by minillm", "messages"
-                )
-        kwargs, num_ctx = parse_options(req.options, serving)
-        prompt = serving.chat_prompt(req.messages)
-        ids = serving.encode(prompt, None, num_ctx)
-        limit = min(serving.max_model_len, num_ctx or serving.max_model_len)
-        params = make_params(kwargs, len(ids), limit)
-        return await respond(ids, params, model, True, req.stream, request, context=False)
+@router.get("/api/ps")
+async def ps(serving: ServingEngine = Serving) -> dict[str, Any]:
+    facts = serving.facts
+    kv = serving.engine.kv_cache.nbytes
+    expires = (datetime.now(UTC) + timedelta(days=365 * 100)).isoformat()
+    return {
+        "models": [
+            {
+                "name": n,
+                "model": n,
+                "size": facts.size + kv,
+                "digest": facts.digest,
+                "details": facts.details(),
+                "expires_at": expires,
+                "size_vram": 0,
+                "context_length": serving.max_model_len,
+            }
+            for n in serving.names
+        ]
+    }
 
-    # ------------------------------------------------------------------ embeddings
-    @router.post("/api/embed")
-    async def embed(req: OllamaEmbedRequest) -> dict[str, Any]:
-        started = time.perf_counter()
-        model = serving.check_model(req.model, required=True)
-        serving.check_ready()
-        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
-        limit = serving.max_model_len
-        ids = []
-        for i, text in enumerate(inputs):
-            tokens = serving.llm.tokenizer.encode(text)
-            if not tokens:
-                raise bad_request(f"input[{i}] is empty: it has no tokens", "input")
-            if len(tokens) > limit:
-                if not req.truncate:
-                    raise bad_request(
-                        f"input[{i}] is {len(tokens)} tokens long, more than the "
-                        f"context length {limit} (set truncate to true to cut it)",
-                        "input",
-                    )
-                tokens = tokens[:limit]
-            ids.append(tokens)
-        vectors = await asyncio.to_thread(embed_many, serving.llm.loaded.model, ids)
-        return {
-            "model": model,
-            "embeddings": vectors,
-            "total_duration": ns(time.perf_counter() - started),
-            "load_duration": 0,
-            "prompt_eval_count": sum(len(x) for x in ids),
-        }
 
-    # ------------------------------------------------------------------ about the model
-    @router.get("/api/tags")
-    async def tags() -> dict[str, Any]:
-        f = facts.facts
-        return {
-            "models": [
-                {
-                    "name": n,
-                    "model": n,
-                    "modified_at": facts.modified_at(),
-                    "size": f["size"],
-                    "digest": facts.digest,
-                    "details": facts.details(),
-                }
-                for n in serving.names
-            ]
-        }
-
-    @router.post("/api/show")
-    async def show(req: OllamaShowRequest) -> dict[str, Any]:
-        model = serving.check_model(req.model or req.name, required=True)
-        profile, f = serving.profile, facts.facts
-        template = (
-            profile.template
-            if profile and profile.template
-            else serving.llm.loaded.chat_template.source
-        )
-        body = {
-            "modelfile": profile.to_text() if profile else f"FROM {f['path']}\n",
-            "parameters": profile.parameters_text() if profile else "",
-            "template": template,
-            "details": facts.details(),
-            "model_info": facts.model_info(),
-            "capabilities": ["completion", "embedding"],
-            "modified_at": facts.modified_at(),
-        }
-        if profile and profile.system:
-            body["system"] = profile.system
-        license_text = (
-            "\n\n".join(profile.license) if profile and profile.license else f.get("license")
-        )
-        if license_text:
-            body["license"] = license_text
-        body["model"] = model
-        return body
-
-    @router.get("/api/ps")
-    async def ps() -> dict[str, Any]:
-        f = facts.facts
-        kv = serving.engine.kv_cache.nbytes
-        expires = (datetime.now(UTC) + timedelta(days=365 * 100)).isoformat()
-        return {
-            "models": [
-                {
-                    "name": n,
-                    "model": n,
-                    "size": f["size"] + kv,
-                    "digest": facts.digest,
-                    "details": facts.details(),
-                    "expires_at": expires,
-                    "size_vram": 0,
-                    "context_length": serving.max_model_len,
-                }
-                for n in serving.names
-            ]
-        }
-
-    @router.get("/api/version")
-    async def version() -> dict[str, str]:
-        return {"version": minillm.__version__}
-
-    return router
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": minillm.__version__}
 
 
 def _line(obj: dict[str, Any]) -> str:
