@@ -124,6 +124,13 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "usage:" in err
 
 
+def test_unreadable_files_are_one_error_line(capsys, tmp_path):
+    """An OSError (here a folder given as the Modelfile) is the user's input, not a bug."""
+    code, _, err = run_main(capsys, "create", "mario", "-f", str(tmp_path))
+    assert code == 1
+    assert err == f"Error: [Errno 21] Is a directory: '{tmp_path}'\n"
+
+
 def test_offline_pull_from_the_command_line(home, monkeypatch):
     monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1:9")  # a closed port: refused at once
     start = time.monotonic()
