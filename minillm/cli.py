@@ -384,8 +384,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     from minillm import LLM
+    from minillm.kv.cache import parse_size
     from minillm.serve import build_app, serve
 
+    try:
+        max_body_bytes = parse_size(args.max_body_size)
+    except ValueError as e:
+        raise ValueError(f"--max-body-size: {e}") from None
     max_len = args.max_model_len or (profile.context_length if profile else None)
     t0 = time.perf_counter()
     llm = LLM(
@@ -398,14 +403,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=max_len,
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    names = args.served_model_name or [args.model]
+    origins = [o for entry in args.allowed_origins or [] for o in entry.split(",") if o.strip()]
     app = build_app(
         llm,
         api_key=args.api_key,
-        served_model_name=names,
+        served_model_name=args.served_model_name,  # None: the model, a path by its file name
         profile=profile,
         max_queued_requests=args.max_queued_requests,
+        max_n=args.max_n,
+        max_body_bytes=max_body_bytes,
+        allowed_origins=origins,
+        template_timeout=args.template_timeout,
     )
+    names = app.state.serving.names
     eng = llm.engine
     print(
         f"loaded {args.model} ({llm.config.arch}, backend {llm.loaded.backend.name}) in "
@@ -579,7 +589,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--max-queued-requests",
         type=int,
         default=512,
-        help="requests in flight before new ones get 503 (default 512)",
+        help="sequences in flight before new requests get 503; n=4 counts 4 (default 512)",
+    )
+    p.add_argument(
+        "--max-n", type=int, default=16, help="most completions one request may ask for (16)"
+    )
+    p.add_argument(
+        "--max-body-size",
+        default="8MiB",
+        help="largest request body, e.g. 2MiB; larger ones get 413 (default 8MiB)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=None,
+        metavar="ORIGIN",
+        help="web origins besides loopback ones that may call the server, e.g. "
+        "https://chat.example.com or https://*.example.com or * (adds to $MINILLM_ORIGINS)",
+    )
+    p.add_argument(
+        "--template-timeout",
+        type=float,
+        default=1.0,
+        help="seconds a request's or Modelfile's template may take to render (default 1)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")

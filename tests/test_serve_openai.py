@@ -337,6 +337,12 @@ def test_minillm_serve_command_line(tiny_dir, free_port, tmp_path):
         "1",
         "--log-level",
         "warning",
+        "--max-body-size",
+        "2KiB",
+        "--max-n",
+        "2",
+        "--allowed-origins",
+        "https://a.example,https://b.example",
     ]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -359,6 +365,14 @@ def test_minillm_serve_command_line(tiny_dir, free_port, tmp_path):
         body = {"model": "cli-tiny", "prompt": "the same long prompt, twice " * 2, "max_tokens": 3}
         for _ in range(2):
             assert httpx.post(url + "/v1/completions", json=body, headers=auth).status_code == 200
+        big = {**body, "prompt": "x" * 3000}
+        r = httpx.post(url + "/v1/completions", json=big, headers=auth)
+        assert r.status_code == 413 and "at most 2 KiB" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json={**body, "n": 3}, headers=auth)
+        assert r.status_code == 400 and "at most 2 completions" in r.json()["error"]["message"]
+        for origin, status in (("https://b.example", 200), ("https://c.example", 403)):
+            r = httpx.post(url + "/v1/completions", json=body, headers={**auth, "origin": origin})
+            assert r.status_code == status, (origin, r.text)
         assert httpx.get(url + "/metrics").status_code == 401  # the key guards it too
         metrics = httpx.get(url + "/metrics", headers=auth).text
         assert 'vllm:prefix_cache_hits_total{model_name="cli-tiny"} 0.0' in metrics
