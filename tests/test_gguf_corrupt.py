@@ -27,6 +27,7 @@ from gguf import GGUFReader, GGUFValueType
 
 from minillm.cli import main
 from minillm.formats.gguf import GGUFError, GGUFFile, read_header
+from minillm.formats.gguf_check import check_gguf_model
 from minillm.formats.gguf_write import (
     TypedValue,
     metadata_for_hf_model,
@@ -307,7 +308,11 @@ CASES: list[Case] = [
            rename("tokenizer.ggml.tokens", "tokenizer.ggml.tokenX")),
      "GGUF metadata has neither 'llama.vocab_size' nor a 'tokenizer.ggml.tokens' list"),
     ("more layers than tensors", set_value("llama.block_count", "<I", 3),
-     "tensor 'blk.2.attn_norm.weight' is missing (llama.block_count is 3)"),
+     "llama.block_count is 3, but the file holds only 21 tensors (a layer has 9)"),
+    ("block_count 2**31-1", set_value("llama.block_count", "<I", 2**31 - 1),
+     f"llama.block_count is {2**31 - 1}, but the file holds only 21 tensors"),
+    ("a layer's tensor missing", rename("blk.1.ffn_up.weight", "blk.1.ffn_up.weighX"),
+     "tensor 'blk.1.ffn_up.weight' is missing (llama.block_count is 2)"),
     ("fewer layers than tensors", set_value("llama.block_count", "<I", 1),
      "tensor 'blk.1.attn_norm.weight' belongs to layer 1, but llama.block_count is 1"),
     ("shapes disagree with embedding_length", set_value("llama.embedding_length", "<I", 32),
@@ -377,7 +382,7 @@ def test_absurd_sizes_cost_no_memory_and_no_time(base, tmp_path, case):
     start = time.monotonic()
     try:
         with pytest.raises(GGUFError):
-            read_header(bad)
+            check_gguf_model(bad)  # the header, then what it says (what `show` runs)
         seconds = time.monotonic() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:

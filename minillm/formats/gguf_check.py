@@ -23,12 +23,15 @@ from minillm.formats.int8_rows import SCALE_SUFFIX
 _SPECIAL_IDS = ("bos", "eos", "eot", "eom", "unk", "pad", "sep", "cls", "mask")
 
 
-def expected_shapes(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+Shapes = dict[str, tuple[int, ...]]
+
+
+def expected_shapes(config: ModelConfig) -> tuple[Shapes, Shapes]:
     """(required, optional) tensor name -> shape (numpy order) that `config` implies."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    required: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
-    optional: dict[str, tuple[int, ...]] = {"output.weight": (v, d)}
+    required: Shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
+    optional: Shapes = {"output.weight": (v, d)}
     for i in range(config.num_layers):
         p = f"blk.{i}."
         required |= {
@@ -47,6 +50,11 @@ def expected_shapes(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], di
 
 
 def _check_tensors(config: ModelConfig, tensors: list[TensorInfo]) -> None:
+    if 9 * config.num_layers > len(tensors):  # before listing 9 names per claimed layer
+        raise GGUFError(
+            f"{config.arch}.block_count is {config.num_layers}, but the file holds only "
+            f"{len(tensors)} tensors (a layer has 9)"
+        )
     by_name = {t.name: t for t in tensors}
     required, optional = expected_shapes(config)
     for name in required:
