@@ -25,12 +25,12 @@ from fastapi import Request
 from minillm.chat import validate_messages
 from minillm.chat_sandbox import RENDER_TIMEOUT, TemplateSandbox, TemplateSandboxBusy
 from minillm.engine.async_engine import AsyncLLMEngine
+from minillm.engine.llm_engine import PromptError
 from minillm.engine.outputs import RequestOutput
 from minillm.hub.modelfile import Modelfile
 from minillm.llm import LLM
-from minillm.sampling import SamplingParams
+from minillm.sampling import RequestOutputKind, SamplingParams
 from minillm.serve.admission import Admission
-from minillm.serve.embeddings import embed_many
 from minillm.serve.errors import APIError, bad_request
 from minillm.serve.metrics import ServerMetrics
 from minillm.serve.model_facts import ModelFacts
@@ -253,23 +253,17 @@ class ServingEngine:
             ids = list(prompt)
             count = len(ids)
         count, ids = count + len(prefix), [*prefix, *ids]
-        if not count:
-            raise bad_request("the prompt is empty: it must contain at least one token", param)
-        vocab = self.llm.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise bad_request(f"prompt token ids must be in [0, {vocab})", param)
-        if count >= limit:
+        if count >= limit and count > len(ids):  # too long: we only hold its first ids
             raise bad_request(
                 f"the prompt is {count} tokens long, but this model's context length is "
-                f"{limit} tokens, which leaves no room to generate; shorten the prompt",
+                f"{limit} tokens (max_model_len), which leaves no room to generate; shorten "
+                "the prompt",
                 param,
             )
-        if max_tokens is not None and count + max_tokens > limit:
-            raise bad_request(
-                f"max_tokens={max_tokens} is too large: the prompt has {count} tokens and the "
-                f"context length is {limit}, so at most {limit - count} can be generated",
-                "max_tokens",
-            )
+        try:
+            self.engine.check_prompt(ids, max_tokens, context_limit)
+        except PromptError as e:
+            raise bad_request(str(e), param if e.field == "prompt" else e.field) from e
         return ids
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -281,24 +275,32 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ generation
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """Embeddings of token-id inputs, computed off the event loop."""
-        return await asyncio.to_thread(embed_many, self.llm.loaded.model, inputs)
+        """Embeddings of token-id inputs, computed on the engine thread between two steps."""
+        try:
+            return await self.async_engine.embed(inputs)
+        except PromptError as e:
+            raise bad_request(str(e), e.field) from e
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs; also observes inter-token latency. The caller holds an
-        Admission for the request's sequences.
+        """The engine's outputs, in the kind `params.output_kind` asks for (DELTA for streams,
+        FINAL_ONLY otherwise). The caller holds an Admission for the request's sequences.
 
-        Closing this generator early (a client that left) aborts the request."""
-        last_time, last_count = None, 0
+        Also observes inter-token latency, as the first choice's tokens arrive; a FINAL_ONLY
+        request is seen once, so its mean gap (the engine's timings) stands for each of its
+        gaps. Closing this generator early (a client that left) aborts the request."""
+        last_time = None
         async for out in self.async_engine.generate(prompt_ids, params, request_id):
-            now = time.perf_counter()
-            count = len(out.outputs[0].token_ids) if out.outputs else 0
-            if last_time is not None and count > last_count:
-                self.metrics.observe_token_gap(now - last_time, count - last_count)
-            if count > last_count:
-                last_time, last_count = now, count
+            new = sum(len(c.token_ids) for c in out.outputs if c.index == 0)
+            if params.output_kind is RequestOutputKind.FINAL_ONLY:
+                if new > 1 and out.metrics.eval_duration is not None:
+                    self.metrics.observe_token_gap(out.metrics.eval_duration, new - 1)
+            elif new:
+                now = time.perf_counter()
+                if last_time is not None:
+                    self.metrics.observe_token_gap(now - last_time, new)
+                last_time = now
             yield out
 
     async def generate_to_end(

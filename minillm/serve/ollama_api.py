@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, Request
 import minillm
 from minillm.engine.outputs import RequestOutput
 from minillm.hub.modelfile import convert_parameter, sampling_kwargs
-from minillm.sampling import SamplingParams
+from minillm.sampling import RequestOutputKind, SamplingParams
 from minillm.serve.admission import AdmittedStreamingResponse
 from minillm.serve.engine_client import ServingEngine, get_serving
 from minillm.serve.errors import APIError, bad_request, from_value_error, internal_error
@@ -85,10 +85,14 @@ def parse_options(
     return kwargs, num_ctx
 
 
-def make_params(kwargs: dict[str, Any], prompt_len: int, limit: int) -> SamplingParams:
-    """SamplingParams with max_tokens clamped to what fits in the context (Ollama stops there)."""
+def make_params(
+    kwargs: dict[str, Any], prompt_len: int, limit: int, stream: bool
+) -> SamplingParams:
+    """SamplingParams with max_tokens clamped to what fits in the context (Ollama stops there);
+    a stream gets DELTA outputs, a single reply one FINAL_ONLY output."""
     room = limit - prompt_len
     kwargs = dict(kwargs)
+    kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     kwargs["max_tokens"] = (
         room if kwargs.get("max_tokens") is None else min(kwargs["max_tokens"], room)
     )
@@ -106,10 +110,11 @@ def load_reply(model: str, chat: bool) -> dict[str, Any]:
 
 
 def final_fields(out: RequestOutput, started: float) -> dict[str, Any]:
-    m, c = out.metrics, out.outputs[0]
+    m = out.metrics
+    reason = out.outputs[0].finish_reason if out.outputs else None
     return {
         "done": True,
-        "done_reason": c.finish_reason or "stop",
+        "done_reason": reason or "stop",
         "total_duration": ns(time.perf_counter() - started),
         "load_duration": 0,
         "prompt_eval_count": m.num_prompt_tokens,
@@ -117,19 +122,6 @@ def final_fields(out: RequestOutput, started: float) -> dict[str, Any]:
         "eval_count": m.num_generation_tokens,
         "eval_duration": ns(m.eval_duration),
     }
-
-
-class TextDelta:
-    """The engine's outputs are cumulative; this yields the text each one adds. The one place
-    to change once the engine emits deltas itself (RequestOutputKind.DELTA)."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def new(self, out: RequestOutput) -> str:
-        text = out.outputs[0].text
-        piece, self.sent = text[self.sent :], max(self.sent, len(text))
-        return piece
 
 
 @dataclass
@@ -150,18 +142,14 @@ class Reply:
             return {"message": {"role": "assistant", "content": text}}
         return {"response": text}
 
-    def extra(self, out: RequestOutput) -> dict[str, Any]:
-        if not self.context:
-            return {}
-        return {"context": list(out.prompt_token_ids) + list(out.outputs[0].token_ids)}
-
-    def last(self, out: RequestOutput, text: str) -> dict[str, Any]:
+    def last(self, out: RequestOutput, text: str, generated: list[int]) -> dict[str, Any]:
+        context = {"context": [*out.prompt_token_ids, *generated]} if self.context else {}
         return {
             "model": self.model,
             "created_at": now_rfc3339(),
             **self.piece(text),
             **final_fields(out, self.started),
-            **self.extra(out),
+            **context,
         }
 
     async def whole(self, request: Request) -> dict[str, Any]:
@@ -169,14 +157,16 @@ class Reply:
             out = await self.serving.generate_to_end(self.ids, self.params, self.rid, request)
         except ValueError as e:
             raise bad_request(str(e)) from e
-        return self.last(out, out.outputs[0].text)
+        c = out.outputs[0]
+        return self.last(out, c.text, c.token_ids)
 
     async def lines(self) -> AsyncIterator[str]:
-        final, delta = None, TextDelta()
+        final, generated = None, []  # the answer's ids, for `context`
         gen = self.serving.generate(self.ids, self.params, self.rid)
         try:
             async for out in gen:
-                final, text = out, delta.new(out)
+                final, text = out, out.outputs[0].text if out.outputs else ""
+                generated += out.outputs[0].token_ids if out.outputs else []
                 if text:
                     yield _line(
                         {
@@ -198,7 +188,7 @@ class Reply:
         finally:
             await gen.aclose()
         if final is not None:
-            yield _line(self.last(final, ""))
+            yield _line(self.last(final, "", generated))
 
 
 async def respond(reply: Reply, stream: bool, request: Request) -> Any:
@@ -231,7 +221,7 @@ async def generate(
         prompt = await serving.chat_prompt(messages, template=req.template)
     ids = await serving.encode(prompt, None, num_ctx, param="prompt", prefix=req.context or [])
     limit = min(serving.max_model_len, num_ctx or serving.max_model_len)
-    params = make_params(kwargs, len(ids), limit)
+    params = make_params(kwargs, len(ids), limit, req.stream)
     reply = Reply(serving, ids, params, model, chat=False, context=not req.raw)
     return await respond(reply, req.stream, request)
 
@@ -253,7 +243,7 @@ async def chat(req: OllamaChatRequest, request: Request, serving: ServingEngine 
     prompt = await serving.chat_prompt(req.messages)
     ids = await serving.encode(prompt, None, num_ctx)
     limit = min(serving.max_model_len, num_ctx or serving.max_model_len)
-    params = make_params(kwargs, len(ids), limit)
+    params = make_params(kwargs, len(ids), limit, req.stream)
     reply = Reply(serving, ids, params, model, chat=True, context=False)
     return await respond(reply, req.stream, request)
 

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from minillm.engine.outputs import RequestOutput
-from minillm.sampling import SamplingParams
+from minillm.sampling import RequestOutputKind, SamplingParams
 from minillm.serve.admission import AdmittedStreamingResponse
 from minillm.serve.engine_client import ServingEngine, get_serving
 from minillm.serve.errors import bad_request, from_value_error
@@ -79,7 +79,8 @@ def build_sampling_params(
     """Modelfile defaults, then every field the client set; SamplingParams checks the values.
 
     max_tokens: the client's value, else the Modelfile's num_predict, else `default_max_tokens`
-    (None: until the context is full, as vLLM does for chat)."""
+    (None: until the context is full, as vLLM does for chat). Streams get DELTA outputs,
+    other requests one FINAL_ONLY output."""
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by minillm", "logit_bias")
     kwargs = serving.sampling_defaults()
@@ -91,6 +92,8 @@ def build_sampling_params(
         kwargs["max_tokens"] = max_tokens
     kwargs.setdefault("max_tokens", default_max_tokens)
     kwargs["logprobs"] = logprobs
+    # a stream sends what each step adds; a reply waits for the end
+    kwargs["output_kind"] = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     try:
         params = SamplingParams(**kwargs)
     except (ValueError, TypeError) as e:

@@ -5,8 +5,8 @@ chunk, an optional usage chunk (`stream_options: {"include_usage": true}`, with 
 then `data: [DONE]`. An error after the stream has started cannot change the HTTP status any
 more, so it is sent as a `data: {"error": ...}` event before [DONE], as vLLM does.
 
-The engine's outputs are cumulative; DeltaTracker turns them into what is new for each choice.
-It is the one place to change once the engine emits deltas itself (RequestOutputKind.DELTA).
+Streams ask the engine for RequestOutputKind.DELTA: each output carries, per choice, only what
+is new (text, token ids, logprobs) and the finish reason once; nothing here re-derives deltas.
 """
 
 from __future__ import annotations
@@ -39,47 +39,22 @@ def finish_reason(c: CompletionOutput) -> str | None:
 
 
 def usage_of(outs: list[RequestOutput]) -> UsageInfo:
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    cached = sum(o.metrics.num_cached_tokens for o in outs)
+    """Usage of finished requests whose outputs are whole (FINAL_ONLY or CUMULATIVE)."""
+    return usage(
+        sum(len(o.prompt_token_ids) for o in outs),
+        sum(len(c.token_ids) for o in outs for c in o.outputs),
+        sum(o.metrics.num_cached_tokens for o in outs),
+    )
+
+
+def usage(prompt: int, completion: int, cached: int | None = None) -> UsageInfo:
+    details = None if cached is None else {"cached_tokens": cached}
     return UsageInfo(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details={"cached_tokens": cached},
+        prompt_tokens_details=details,
     )
-
-
-@dataclass
-class Delta:
-    """What is new in one choice since the last output: text, token ids (from `first_token`)."""
-
-    choice: CompletionOutput
-    text: str
-    token_ids: list[int]
-    first_token: int
-    first_time: bool  # the first output that carries this choice
-
-
-class DeltaTracker:
-    """Remembers how much of each choice was already sent, so chunks carry only what is new."""
-
-    def __init__(self) -> None:
-        self.sent: dict[int, tuple[int, int]] = {}
-        self.done: set[int] = set()
-
-    def new(self, out: RequestOutput) -> list[Delta]:
-        found = []
-        for c in out.outputs:
-            if c.index in self.done:
-                continue
-            first = c.index not in self.sent
-            t0, k0 = self.sent.get(c.index, (0, 0))
-            self.sent[c.index] = (len(c.text), len(c.token_ids))
-            if c.finish_reason is not None:
-                self.done.add(c.index)
-            found.append(Delta(c, c.text[t0:], c.token_ids[k0:], k0, first))
-        return found
 
 
 async def guarded(events: AsyncIterator[str], where: str) -> AsyncIterator[str]:
@@ -116,28 +91,33 @@ class ChatStream:
     async def _events(self) -> AsyncIterator[str]:
         base = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created}
         base["model"] = self.model
-        tracker, final = DeltaTracker(), None
+        started: set[int] = set()  # choices whose first chunk (the role) was sent
+        last, generated = None, 0
         gen = self.serving.generate(self.ids, self.params, self.rid)
         try:
             async for out in gen:
-                final = out
-                for d in tracker.new(out):
-                    if d.first_time:
+                last = out
+                for c in out.outputs:
+                    generated += len(c.token_ids)
+                    if c.index not in started:
+                        started.add(c.index)
                         role = {"role": "assistant", "content": ""}
-                        yield sse({**base, "choices": [self._choice(d.choice, role, None, None)]})
-                    reason = finish_reason(d.choice)
-                    if not (d.text or reason or (self.want_logprobs and d.token_ids)):
+                        yield sse({**base, "choices": [self._choice(c, role, None, None)]})
+                    reason = finish_reason(c)
+                    if not (c.text or reason or (self.want_logprobs and c.token_ids)):
                         continue
                     lp = None
                     if self.want_logprobs:
-                        dicts = (d.choice.logprobs or [])[d.first_token :]
-                        lp = chat_logprobs(self.serving.token_text, d.token_ids, dicts, self.top)
-                    delta = {"content": d.text} if d.text else {}
-                    yield sse({**base, "choices": [self._choice(d.choice, delta, lp, reason)]})
+                        lp = chat_logprobs(
+                            self.serving.token_text, c.token_ids, c.logprobs or [], self.top
+                        )
+                    delta = {"content": c.text} if c.text else {}
+                    yield sse({**base, "choices": [self._choice(c, delta, lp, reason)]})
         finally:
             await gen.aclose()
-        if self.include_usage and final is not None:
-            yield sse({**base, "choices": [], "usage": usage_of([final]).model_dump()})
+        if self.include_usage and last is not None:
+            total = usage(len(last.prompt_token_ids), generated, last.metrics.num_cached_tokens)
+            yield sse({**base, "choices": [], "usage": total.model_dump()})
 
     @staticmethod
     def _choice(c: CompletionOutput, delta: dict, lp: Any, reason: str | None) -> dict[str, Any]:
@@ -168,47 +148,51 @@ class CompletionStream:
     async def _events(self) -> AsyncIterator[str]:
         base = {"id": self.rid, "object": "text_completion", "created": self.created}
         base["model"] = self.model
-        trackers = [DeltaTracker() for _ in self.ids]
-        finals: dict[int, RequestOutput] = {}
+        started: set[tuple[int, int]] = set()  # (prompt, choice): echo goes before the first
+        offsets: dict[tuple[int, int], int] = {}  # text sent per choice, for text_offset
+        prompt_tokens, generated = 0, 0
         gens = [
             self.serving.generate(p, self.params, f"{self.rid}-{i}") for i, p in enumerate(self.ids)
         ]
-        offsets: dict[tuple[int, int], int] = {}
         try:
             async for i, out in merge(gens):
-                finals[i] = out
-                for d in trackers[i].new(out):
-                    text = self.texts[i] + d.text if d.first_time and self.echo else d.text
-                    reason = finish_reason(d.choice)
-                    if not (text or reason or (self.logprobs is not None and d.token_ids)):
+                for c in out.outputs:
+                    key = (i, c.index)
+                    generated += len(c.token_ids)
+                    text = c.text
+                    if key not in started:
+                        started.add(key)
+                        text = self.texts[i] + text if self.echo else text
+                    reason = finish_reason(c)
+                    if not (text or reason or (self.logprobs is not None and c.token_ids)):
                         continue
                     lp = None
                     if self.logprobs is not None:
-                        key = (i, d.choice.index)
-                        dicts = (d.choice.logprobs or [])[d.first_token :]
                         lp = completion_logprobs(
                             self.serving.token_text,
-                            d.token_ids,
-                            dicts,
+                            c.token_ids,
+                            c.logprobs or [],
                             self.logprobs,
                             offsets.get(key, 0),
                         )
                         offsets[key] = offsets.get(key, 0) + len(text)
                     choice = {
-                        "index": i * self.params.n + d.choice.index,
+                        "index": i * self.params.n + c.index,
                         "text": text,
                         "logprobs": lp,
                         "finish_reason": reason,
-                        **({"stop_reason": d.choice.stop_reason} if reason else {}),
+                        **({"stop_reason": c.stop_reason} if reason else {}),
                     }
                     yield sse({**base, "choices": [choice]})
+                if out.finished:
+                    prompt_tokens += len(out.prompt_token_ids)
         finally:
             for g in gens:
                 await g.aclose()
-        if self.include_usage and finals:
-            usage = usage_of(list(finals.values()))
-            usage.prompt_tokens_details = None
-            yield sse({**base, "choices": [], "usage": usage.model_dump()})
+        if self.include_usage and (prompt_tokens or generated):
+            yield sse(
+                {**base, "choices": [], "usage": usage(prompt_tokens, generated).model_dump()}
+            )
 
 
 async def merge(
