@@ -16,14 +16,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 
-# Being fixed by their owners (issue 13, part 4): imports made in formats/ and serve/, and one
-# import that waits for formats/blocks.py to publish the name. Delete an entry once it is fixed.
-PRIVATE_IMPORTS_PENDING = {
-    ("minillm.kernels.cpu_packing", "minillm.formats.blocks", "_unpack_q4_k_scales"),
-}
-PENDING_FOLDERS = ("minillm.formats.", "minillm.serve.")
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -96,9 +88,6 @@ def test_no_module_imports_another_modules_private_names():
                 continue
             for imported in names:
                 if not imported.startswith("_") or imported.startswith("__"):
-                    continue
-                pending = (name, module, imported) in PRIVATE_IMPORTS_PENDING
-                if pending or name.startswith(PENDING_FOLDERS):
                     continue
                 offenders.append(f"{name} imports {imported} from {module}")
     assert not offenders, "\n".join(offenders)

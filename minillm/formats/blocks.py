@@ -206,7 +206,7 @@ def _dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
     return x
 
 
-def _unpack_q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unpack_q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """12 bytes -> 8 six-bit scales and 8 six-bit mins, one pair per 32-weight sub-block.
 
     bytes 0-3:  scale[0..3] in bits 0-5, bits 4-5 of scale[4..7] in bits 6-7
@@ -228,7 +228,7 @@ def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     n = len(blocks)
     d = _f16(blocks[:, 0:2])
     dmin = _f16(blocks[:, 2:4])
-    scales, mins = _unpack_q4_k_scales(blocks[:, 4:16])
+    scales, mins = unpack_q4_k_scales(blocks[:, 4:16])
     sub_scale = (d * scales.astype(np.float32)).reshape(n, 8, 1)
     sub_min = (dmin * mins.astype(np.float32)).reshape(n, 8, 1)
     low, high = _split_nibbles(blocks[:, 16:].reshape(n, 4, 1, 32))

@@ -18,8 +18,9 @@ busy with other programs, those spinning workers take the cores from the threads
 work and a 2-thread decode can slow down tenfold. There, run with OMP_WAIT_POLICY=passive (or a
 short GOMP_SPINCOUNT such as 3000) set before Python starts, or with one thread.
 
-Compilation: kernels compile on first use and are cached on disk (``cache=True``, in
-``__pycache__`` next to this file, or NUMBA_CACHE_DIR), so only the very first run pays it.
+Compilation: kernels compile on first use and are cached on disk (``cache=True``) in the one
+directory minillm.numba_cache chooses (NUMBA_CACHE_DIR), which `make setup` warms, so only the
+very first run pays it.
 """
 
 from __future__ import annotations

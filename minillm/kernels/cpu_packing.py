@@ -141,12 +141,12 @@ def _pack_q4_0_1(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
 
 
 def _pack_q4_k(t: QuantTensor, rows: int, cols: int) -> PackedWeight:
-    from minillm.formats.blocks import _unpack_q4_k_scales  # the layout lives there, once
+    from minillm.formats.blocks import unpack_q4_k_scales  # the layout lives there, once
 
     blocks = t.data.reshape(-1, 144)
     n = len(blocks)
     d, dmin = _f16_values(blocks[:, 0:2]), _f16_values(blocks[:, 2:4])
-    sc, mn = _unpack_q4_k_scales(blocks[:, 4:16])  # (n, 8) six-bit integers
+    sc, mn = unpack_q4_k_scales(blocks[:, 4:16])  # (n, 8) six-bit integers
     scale = d[:, None] * sc.astype(np.float32)  # exact: 11-bit mantissa x 6-bit integer
     offset = dmin[:, None] * mn.astype(np.float32)
     # codes: 4 groups of 32 bytes; group g holds sub-block 2g (low nibbles) and 2g+1 (high).
