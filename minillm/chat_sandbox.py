@@ -119,8 +119,9 @@ def _kill_all(workers: list[_Worker]) -> None:
 class TemplateSandbox:
     """A small pool of template workers; `render` is blocking and thread-safe.
 
-    Workers start on first use. `close()` (or garbage collection, or the parent's exit, which
-    closes the workers' stdin) ends them.
+    Workers start on first use or with `warm()`; one killed for a runaway is replaced in the
+    background. `close()` (or garbage collection, or the parent's exit, which closes the
+    workers' stdin) ends them.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class TemplateSandbox:
         for _ in range(workers):
             self._idle.put(None)  # a slot whose worker has not started yet
         self._started: list[_Worker] = []
+        self._lock = threading.Lock()  # guards _started
         self._finalizer = weakref.finalize(self, _kill_all, self._started)
 
     def render(
@@ -178,33 +180,62 @@ class TemplateSandbox:
                 worker = self._start()
             started = time.monotonic()
             reply = worker.ask(job, self.timeout)
-            if isinstance(reply, str):  # "timeout" or "died": this worker is done for
-                worker.kill()
-                worker = None
-                if reply == "timeout":
-                    raise TemplateBudgetError(
-                        f"the template took longer than {self.timeout:g} s to render "
-                        f"(stopped after {time.monotonic() - started:.1f} s)"
-                    )
-                raise TemplateBudgetError(
-                    "the template's worker process died while rendering it "
-                    f"(it may need more than {self.memory_bytes >> 20} MiB of memory)"
-                )
-        finally:
+        except BaseException:
             self._idle.put(worker)
+            raise
+        if isinstance(reply, str):  # "timeout" or "died": this worker is done for
+            worker.kill()
+            self._replace_in_background()
+            if reply == "timeout":
+                raise TemplateBudgetError(
+                    f"the template took longer than {self.timeout:g} s to render "
+                    f"(stopped after {time.monotonic() - started:.1f} s)"
+                )
+            raise TemplateBudgetError(
+                "the template's worker process died while rendering it "
+                f"(it may need more than {self.memory_bytes >> 20} MiB of memory)"
+            )
+        self._idle.put(worker)
         if "error" in reply:
             raise ValueError(reply["error"])
         return reply["text"]
 
+    def warm(self) -> None:
+        """Start the workers that are not running yet, in the background (a fresh worker
+        takes a fraction of a second; the first renders need not wait for it)."""
+        for _ in range(self._idle.qsize()):
+            try:
+                worker = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            if worker is not None and worker.alive:
+                self._idle.put(worker)
+            else:
+                self._replace_in_background()
+
+    def _replace_in_background(self) -> None:
+        """Fill a worker slot with a fresh worker; renders use the other slots meanwhile."""
+
+        def start() -> None:
+            try:
+                worker: _Worker | None = self._start()
+            except Exception:  # noqa: BLE001 - the slot stays empty; a render retries it
+                worker = None
+            self._idle.put(worker)
+
+        threading.Thread(target=start, name="minillm-template-start", daemon=True).start()
+
     def _start(self) -> _Worker:
         worker = _Worker(self.memory_bytes)
-        self._started[:] = [w for w in self._started if w.alive] + [worker]
+        with self._lock:
+            self._started[:] = [w for w in self._started if w.alive] + [worker]
         return worker
 
     def close(self) -> None:
-        """Stop every worker (a later render starts new ones)."""
-        _kill_all(self._started)
-        self._started.clear()
+        """Stop every worker (a later render starts a new one)."""
+        with self._lock:
+            _kill_all(self._started)
+            self._started.clear()
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -258,4 +289,6 @@ def _serve(memory_bytes: int) -> None:
 
 
 if __name__ == "__main__":
+    if hasattr(os, "nice"):  # the server's threads come first; a runaway gets what is left
+        os.nice(10)
     _serve(int(sys.argv[1]) if len(sys.argv) > 1 else WORKER_MEMORY)

@@ -83,6 +83,8 @@ class ServingEngine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.async_engine.start()
+        if self.profile and self.profile.template:  # every chat will render it
+            self.templates.warm()
         self.ready = True
 
     def shutdown(self) -> None:
