@@ -255,11 +255,10 @@ class ServingEngine:
             ids = list(prompt)
             count = len(ids)
         count, ids = count + len(prefix), [*prefix, *ids]
-        if count >= limit and count > len(ids):  # too long: we only hold its first ids
+        if count >= limit:  # checked here: a long prompt's ids past the limit were never built
             raise bad_request(
                 f"the prompt is {count} tokens long, but this model's context length is "
-                f"{limit} tokens (max_model_len), which leaves no room to generate; shorten "
-                "the prompt",
+                f"{limit} tokens, which leaves no room to generate; shorten the prompt",
                 param,
             )
         try:
