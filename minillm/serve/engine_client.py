@@ -7,7 +7,7 @@ engine only ever sees requests it can serve.
 Nothing slow runs on the event loop: templates render and prompts are tokenized in worker
 threads (the Rust tokenizer's batch call releases the GIL, its single-text call does not), and
 templates that come from users render in worker processes under a time, memory and output
-budget (minillm.chat_sandbox). Routes get the engine with `Depends(get_serving)`.
+budget (minillm.chat_sandbox). Routes get it as a dependency: `serving: ServingDep`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import functools
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from minillm.chat import validate_messages
 from minillm.chat_sandbox import RENDER_TIMEOUT, TemplateSandbox, TemplateSandboxBusy
@@ -340,3 +340,6 @@ class ServingEngine:
         if final is None:
             raise APIError(500, "the engine ended the request without an output")
         return final
+
+
+ServingDep = Annotated[ServingEngine, Depends(get_serving)]  # a route's `serving: ServingDep`

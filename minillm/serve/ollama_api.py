@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 import minillm
 from minillm.engine.outputs import RequestOutput
 from minillm.hub.modelfile import convert_parameter, sampling_kwargs
 from minillm.sampling import RequestOutputKind, SamplingParams
 from minillm.serve.admission import AdmittedStreamingResponse
-from minillm.serve.engine_client import ServingEngine, get_serving
+from minillm.serve.engine_client import ServingDep, ServingEngine
 from minillm.serve.errors import APIError, bad_request, from_value_error, internal_error
 from minillm.serve.json_body import CheckedJSONRoute
 from minillm.serve.protocol import (
@@ -41,7 +41,6 @@ from minillm.serve.protocol import (
 )
 
 router = APIRouter(route_class=CheckedJSONRoute)
-Serving = Depends(get_serving)
 
 # Ollama's own defaults (docs/modelfile.md), used where neither a Modelfile nor the request
 # says otherwise. repeat_penalty there looks back 64 tokens; minillm's covers the whole context.
@@ -203,9 +202,7 @@ async def respond(reply: Reply, stream: bool, request: Request) -> Any:
 
 # ---------------------------------------------------------------------------- generate / chat
 @router.post("/api/generate", response_model=None)
-async def generate(
-    req: OllamaGenerateRequest, request: Request, serving: ServingEngine = Serving
-) -> Any:
+async def generate(req: OllamaGenerateRequest, request: Request, serving: ServingDep) -> Any:
     model = serving.check_model(req.model, required=True)
     _unsupported(images=req.images, format=req.format)
     if not req.prompt and not req.context:
@@ -227,7 +224,7 @@ async def generate(
 
 
 @router.post("/api/chat", response_model=None)
-async def chat(req: OllamaChatRequest, request: Request, serving: ServingEngine = Serving) -> Any:
+async def chat(req: OllamaChatRequest, request: Request, serving: ServingDep) -> Any:
     model = serving.check_model(req.model, required=True)
     _unsupported(format=req.format, tools=req.tools)
     if not req.messages:
@@ -250,7 +247,7 @@ async def chat(req: OllamaChatRequest, request: Request, serving: ServingEngine 
 
 # ---------------------------------------------------------------------------- embeddings
 @router.post("/api/embed")
-async def embed(req: OllamaEmbedRequest, serving: ServingEngine = Serving) -> dict[str, Any]:
+async def embed(req: OllamaEmbedRequest, serving: ServingDep) -> dict[str, Any]:
     started = time.perf_counter()
     model = serving.check_model(req.model, required=True)
     serving.check_ready()
@@ -280,7 +277,7 @@ async def embed(req: OllamaEmbedRequest, serving: ServingEngine = Serving) -> di
 
 # ---------------------------------------------------------------------------- about the model
 @router.get("/api/tags")
-async def tags(serving: ServingEngine = Serving) -> dict[str, Any]:
+async def tags(serving: ServingDep) -> dict[str, Any]:
     facts = serving.facts
     return {
         "models": [
@@ -298,7 +295,7 @@ async def tags(serving: ServingEngine = Serving) -> dict[str, Any]:
 
 
 @router.post("/api/show")
-async def show(req: OllamaShowRequest, serving: ServingEngine = Serving) -> dict[str, Any]:
+async def show(req: OllamaShowRequest, serving: ServingDep) -> dict[str, Any]:
     model = serving.check_model(req.model or req.name, required=True)
     profile, facts = serving.profile, serving.facts
     template = (
@@ -325,7 +322,7 @@ async def show(req: OllamaShowRequest, serving: ServingEngine = Serving) -> dict
 
 
 @router.get("/api/ps")
-async def ps(serving: ServingEngine = Serving) -> dict[str, Any]:
+async def ps(serving: ServingDep) -> dict[str, Any]:
     facts = serving.facts
     kv = serving.engine.kv_cache.nbytes
     expires = (datetime.now(UTC) + timedelta(days=365 * 100)).isoformat()

@@ -14,12 +14,12 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from minillm.engine.outputs import RequestOutput
 from minillm.sampling import RequestOutputKind, SamplingParams
 from minillm.serve.admission import AdmittedStreamingResponse
-from minillm.serve.engine_client import ServingEngine, get_serving
+from minillm.serve.engine_client import ServingDep, ServingEngine
 from minillm.serve.errors import bad_request, from_value_error
 from minillm.serve.json_body import CheckedJSONRoute
 from minillm.serve.openai_logprobs import chat_logprobs, completion_logprobs
@@ -47,7 +47,6 @@ from minillm.serve.protocol import (
 )
 
 router = APIRouter(route_class=CheckedJSONRoute)
-Serving = Depends(get_serving)
 
 # request field -> SamplingParams field, copied when the client set it
 _SAMPLING_FIELDS = {
@@ -104,7 +103,7 @@ def build_sampling_params(
 
 # ---------------------------------------------------------------------------- models
 @router.get("/v1/models")
-async def list_models(serving: ServingEngine = Serving) -> ModelList:
+async def list_models(serving: ServingDep) -> ModelList:
     created = int(serving.started_at)
     return ModelList(
         data=[
@@ -117,7 +116,7 @@ async def list_models(serving: ServingEngine = Serving) -> ModelList:
 # ---------------------------------------------------------------------------- chat
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
-    req: ChatCompletionRequest, request: Request, serving: ServingEngine = Serving
+    req: ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Any:
     model = serving.check_model(req.model)
     if req.tools:
@@ -177,9 +176,7 @@ async def chat_completions(
 
 # ---------------------------------------------------------------------------- completions
 @router.post("/v1/completions", response_model=None)
-async def completions(
-    req: CompletionRequest, request: Request, serving: ServingEngine = Serving
-) -> Any:
+async def completions(req: CompletionRequest, request: Request, serving: ServingDep) -> Any:
     model = serving.check_model(req.model)
     if req.suffix:
         raise bad_request("suffix is not supported by minillm", "suffix")
@@ -242,7 +239,7 @@ async def completions(
 
 # ---------------------------------------------------------------------------- embeddings
 @router.post("/v1/embeddings")
-async def embeddings(req: EmbeddingRequest, serving: ServingEngine = Serving) -> EmbeddingResponse:
+async def embeddings(req: EmbeddingRequest, serving: ServingDep) -> EmbeddingResponse:
     model = serving.check_model(req.model)
     serving.check_ready()
     hidden = serving.llm.config.hidden_size
