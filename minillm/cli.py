@@ -592,7 +592,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="sequences in flight before new requests get 503; n=4 counts 4 (default 512)",
     )
     p.add_argument(
-        "--max-n", type=int, default=16, help="most completions one request may ask for (16)"
+        "--max-n", type=int, default=16, help="most completions per prompt (n) (default 16)"
     )
     p.add_argument(
         "--max-body-size",
