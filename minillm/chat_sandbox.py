@@ -44,8 +44,8 @@ class TemplateBudgetError(ValueError):
     """A template ran too long, used too much memory or wrote too much: the caller's fault."""
 
 
-class TemplateSandboxBusy(RuntimeError):
-    """Every worker stayed busy for longer than the caller was willing to wait."""
+class TemplateSandboxUnavailable(RuntimeError):
+    """No worker could take the job: all stayed busy too long, or a new one would not start."""
 
 
 class _Worker:
@@ -69,7 +69,7 @@ class _Worker:
         ready = self._reply(START_TIMEOUT)
         if not isinstance(ready, dict) or not ready.get("ready"):
             self.kill()
-            raise RuntimeError("the template worker process failed to start")
+            raise TemplateSandboxUnavailable("a template worker process failed to start")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -158,8 +158,8 @@ class TemplateSandbox:
         """The prompt `source` (Jinja2 or Ollama's Go syntax) makes of `messages`.
 
         Raises ValueError for a template that is invalid or fails on these messages,
-        TemplateBudgetError (a ValueError) for one over its budget, TemplateSandboxBusy when
-        no worker came free in `wait_timeout` seconds.
+        TemplateBudgetError (a ValueError) for one over its budget, TemplateSandboxUnavailable
+        when no worker came free in `wait_timeout` seconds or none would start.
         """
         job = {
             "source": source,
@@ -172,7 +172,7 @@ class TemplateSandbox:
         try:
             worker = self._idle.get(timeout=self.wait_timeout)
         except queue.Empty:
-            raise TemplateSandboxBusy(
+            raise TemplateSandboxUnavailable(
                 f"every template worker stayed busy for {self.wait_timeout:g} s"
             ) from None
         try:

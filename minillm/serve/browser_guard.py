@@ -13,8 +13,8 @@ replies. The rules, like Ollama's (OLLAMA_ORIGINS):
    loopback origin (http or https, any port), the server's own origin (same Host), or an
    allowed one; anything else, `null` included, is a 403. Requests without an Origin (curl,
    SDKs, scripts) are not from a browser and pass.
-3. Content-Type: the JSON endpoints read JSON. `application/json` (or `+json`) and no
-   Content-Type at all are always accepted. The three types a page can send without asking
+3. Content-Type: the JSON endpoints read JSON. `application/json` (`text/json`, `...+json`)
+   and no Content-Type at all are always accepted. The three types a page can send without asking
    first (`text/plain`, `application/x-www-form-urlencoded`, `multipart/form-data`) are
    accepted only without an Origin, because `curl -d '{...}'` (how Ollama's docs call the API)
    labels its JSON as a form; from a browser they are a 415, so a page can only send JSON,
@@ -42,7 +42,7 @@ from starlette.middleware.cors import CORSMiddleware
 from minillm.serve.errors import error_response
 
 ORIGINS_ENV = "MINILLM_ORIGINS"
-JSON_TYPES = ("application/json",)
+JSON_TYPES = ("application/json", "text/json")
 # what a page may send cross-site without a CORS preflight (the Fetch standard's safelist)
 SIMPLE_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

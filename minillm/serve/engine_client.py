@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from minillm.chat import validate_messages
-from minillm.chat_sandbox import RENDER_TIMEOUT, TemplateSandbox, TemplateSandboxBusy
+from minillm.chat_sandbox import RENDER_TIMEOUT, TemplateSandbox, TemplateSandboxUnavailable
 from minillm.engine.async_engine import AsyncLLMEngine
 from minillm.engine.llm_engine import PromptError
 from minillm.engine.outputs import RequestOutput
@@ -199,8 +199,8 @@ class ServingEngine:
             )
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._template_threads, render)
-        except TemplateSandboxBusy as e:
-            raise APIError(503, f"the template renderer is busy ({e}); retry later") from e
+        except TemplateSandboxUnavailable as e:
+            raise APIError(503, f"the template renderer is unavailable ({e}); retry later") from e
         except (ValueError, TypeError) as e:
             raise bad_request(f"template: {e}" if template else str(e), param) from e
 
