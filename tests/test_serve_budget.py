@@ -132,7 +132,9 @@ def test_a_runaway_template_is_stopped_and_nobody_waits_for_it(server, slow_engi
         during = len(prober.latencies)
     assert r.status_code == 400, r.text
     assert "template: the template took longer than 1 s" in r.json()["error"]
-    assert elapsed < 1 + 4, elapsed  # the 1 s budget, then a kill (not 25 s of loops)
+    # the 1 s budget, then a kill (not 25 s of loops); the rest allows for starting the
+    # first worker process on a loaded machine
+    assert elapsed < 1 + 9, elapsed
     assert during >= 5, "the prober hardly ran"
     assert max(prober.latencies) < STALL, max(prober.latencies)
     assert all(g.done for g in good)
@@ -171,7 +173,7 @@ def test_a_modelfile_template_has_the_same_budget(tiny_dir, free_port):
             json={"model": "tiny", "messages": MSGS, "max_tokens": 2},
             timeout=60,
         )
-        assert time.perf_counter() - t0 < 0.5 + 4
+        assert time.perf_counter() - t0 < 0.5 + 9  # the budget, and a worker's start
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert "took longer than 0.5 s" in err["message"] and err["param"] == "messages"
