@@ -89,7 +89,7 @@ def build_app(
         serving.start()
         # What exists now (the model, the libraries) lives as long as the server: freeze it,
         # so the collector's full passes, which pause every thread, do not walk it again and
-        # again (with torch loaded one pass took ~0.2 s). Unfrozen when the server stops.
+        # again (in benchmarks/probe_bad_input.py one took 0.2 s). Unfrozen at shutdown.
         gc.collect()
         gc.freeze()
         try:
