@@ -213,9 +213,26 @@ class Tokenizer:
         """Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are parsed
         as themselves, like Hugging Face does; add_special_tokens adds BOS/EOS if the model asks.
         """
+        return self.count_and_head(text, None, add_special_tokens)[1]
+
+    def count_and_head(
+        self, text: str, keep: int | None, add_special_tokens: bool = True
+    ) -> tuple[int, list[int]]:
+        """(how many tokens `text` has, its first `keep` ids; None: all of them).
+
+        The batch call of the Rust tokenizer releases the GIL while it works (the single-text
+        one does not), so a server can tokenize a huge prompt on a worker thread without
+        stalling its event loop; and a prompt far longer than any context is counted without
+        building a Python list of its millions of ids.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode() expects a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        encoding = batch([text], add_special_tokens=add_special_tokens)[0]
+        count = len(encoding)
+        if keep is not None and count > keep:
+            encoding.truncate(keep)
+        return count, list(encoding.ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that do not form whole UTF-8 characters become U+FFFD."""

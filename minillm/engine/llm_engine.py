@@ -109,29 +109,35 @@ class LLMEngine:
         return self.output_processor.requests
 
     def check_prompt(
-        self, ids: list[int], max_tokens: int | None = None, context_limit: int | None = None
+        self,
+        ids: list[int],
+        max_tokens: int | None = None,
+        context_limit: int | None = None,
+        num_tokens: int | None = None,
     ) -> None:
         """The one check of a prompt: not empty, known token ids, room left to generate.
 
         max_tokens: also check that this many tokens fit after the prompt (servers refuse a
         request that could not get them, as vLLM does). context_limit: a lower context length
-        than the engine's for this request (Ollama's num_ctx). Raises PromptError."""
+        than the engine's for this request (Ollama's num_ctx). num_tokens: the prompt's whole
+        length when `ids` holds only its head (Tokenizer.count_and_head). Raises PromptError."""
         limit = min(self.max_model_len, context_limit or self.max_model_len)
-        if not ids:
+        n = len(ids) if num_tokens is None else num_tokens
+        if not n:
             raise PromptError("the prompt is empty: it must contain at least one token")
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise PromptError(f"prompt token ids must be in [0, {vocab})")
-        if len(ids) >= limit:
+        if n >= limit:
             raise PromptError(
-                f"the prompt is {len(ids)} tokens long, but this model's context length is "
+                f"the prompt is {n} tokens long, but this model's context length is "
                 f"{limit} tokens (max_model_len), which leaves no room to generate; shorten "
                 "the prompt"
             )
-        if max_tokens is not None and len(ids) + max_tokens > limit:
+        if max_tokens is not None and n + max_tokens > limit:
             raise PromptError(
-                f"max_tokens={max_tokens} is too large: the prompt has {len(ids)} tokens and the "
-                f"context length is {limit}, so at most {limit - len(ids)} can be generated",
+                f"max_tokens={max_tokens} is too large: the prompt has {n} tokens and the "
+                f"context length is {limit}, so at most {limit - n} can be generated",
                 "max_tokens",
             )
 

@@ -224,16 +224,10 @@ class ServingEngine:
         return await asyncio.to_thread(self._tokenize, text, keep)
 
     def _tokenize(self, text: str, keep: int) -> tuple[int, list[int]]:
-        backend = self.llm.tokenizer.backend  # encode() would hold the GIL throughout
-        batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
         try:
-            encoding = batch([text], add_special_tokens=True)[0]
+            return self.llm.tokenizer.count_and_head(text, keep)
         except (TypeError, ValueError) as e:  # e.g. text the tokenizer cannot take
             raise bad_request(f"the prompt cannot be tokenized: {e}") from e
-        count = len(encoding)
-        if count > keep:
-            encoding.truncate(keep)
-        return count, list(encoding.ids)
 
     async def encode(
         self,
@@ -254,15 +248,9 @@ class ServingEngine:
         else:
             ids = list(prompt)
             count = len(ids)
-        count, ids = count + len(prefix), [*prefix, *ids]
-        if count >= limit:  # checked here: a long prompt's ids past the limit were never built
-            raise bad_request(
-                f"the prompt is {count} tokens long, but this model's context length is "
-                f"{limit} tokens, which leaves no room to generate; shorten the prompt",
-                param,
-            )
+        count, ids = count + len(prefix), [*prefix, *ids]  # ids: at most `limit` of them
         try:
-            self.engine.check_prompt(ids, max_tokens, context_limit)
+            self.engine.check_prompt(ids, max_tokens, context_limit, num_tokens=count)
         except PromptError as e:
             raise bad_request(str(e), param if e.field == "prompt" else e.field) from e
         return ids
