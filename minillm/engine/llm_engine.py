@@ -131,8 +131,8 @@ class LLMEngine:
         if n >= limit:
             raise PromptError(
                 f"the prompt is {n} tokens long, but this model's context length is "
-                f"{limit} tokens (max_model_len), which leaves no room to generate; shorten "
-                "the prompt"
+                f"{limit} tokens, which leaves no room to generate; shorten the prompt "
+                "(or raise max_model_len)"
             )
         if max_tokens is not None and n + max_tokens > limit:
             raise PromptError(
