@@ -8,7 +8,11 @@ same folder can be loaded by minillm and by transformers for comparison.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -97,3 +101,23 @@ def make_tiny_model(
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@contextmanager
+def slowed_steps(engine: Any, seconds: float = 0.01) -> Iterator[None]:
+    """Each `engine.step()` takes at least `seconds` longer inside the block.
+
+    Tests use it so that a long request is certainly still running when the test acts on it
+    (a client leaving, a bad request arriving): a lower bound on a step, never a wait on time.
+    """
+    real_step = engine.step
+
+    def slow() -> list:
+        time.sleep(seconds)
+        return real_step()
+
+    engine.step = slow
+    try:
+        yield
+    finally:
+        engine.step = real_step

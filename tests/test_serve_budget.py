@@ -24,7 +24,7 @@ from minillm.chat_sandbox import TemplateBudgetError, TemplateSandbox
 from minillm.hub.modelfile import parse_modelfile
 from minillm.serve import build_app, run_in_thread
 from minillm.serve.bad_input import RUNAWAY
-from minillm.testing import CHATML, make_tiny_model
+from minillm.testing import CHATML, make_tiny_model, slowed_steps
 
 MSGS = [{"role": "user", "content": "hello"}]
 STALL = 1.0  # seconds; what counts as a stall on a loaded CI machine
@@ -49,15 +49,8 @@ def server(llm, free_port):
 @pytest.fixture
 def slow_engine(llm):
     """Each engine step takes at least 10 ms, so the good streams outlast the bad request."""
-    real_step = llm.engine.step
-
-    def slow():
-        time.sleep(0.01)
-        return real_step()
-
-    llm.engine.step = slow
-    yield
-    llm.engine.step = real_step
+    with slowed_steps(llm.engine):
+        yield
 
 
 class Prober:

@@ -16,7 +16,7 @@ import pytest
 
 from minillm import LLM
 from minillm.serve import build_app, run_in_thread
-from minillm.testing import make_tiny_model
+from minillm.testing import make_tiny_model, slowed_steps
 
 CLIENTS = 64
 
@@ -133,15 +133,8 @@ def test_64_concurrent_streams_complete_and_their_counts_add_up(server, llm):
 @pytest.fixture
 def slow_engine(llm):
     """Each engine step takes at least 10 ms, so a 200-token request outlives the client."""
-    real_step = llm.engine.step
-
-    def slow():
-        time.sleep(0.01)
-        return real_step()
-
-    llm.engine.step = slow
-    yield
-    llm.engine.step = real_step
+    with slowed_steps(llm.engine):
+        yield
 
 
 def test_a_client_that_disconnects_mid_stream_is_aborted(server, llm, slow_engine):
