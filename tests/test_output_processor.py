@@ -82,6 +82,10 @@ def test_final_only_gives_one_output_equal_to_the_last_cumulative_one(llm):
     cumulative = run(llm, SamplingParams(**kwargs), "c-final")
     final = run(llm, SamplingParams(**kwargs, output_kind="final_only"), "f-final")
     assert len(final) == 1 and final[0].finished
+    times = final[0].metrics.token_times  # the first completion's tokens, as they came
+    assert len(times) == len(final[0].outputs[0].token_ids) == kwargs["max_tokens"]
+    assert times == sorted(times) and times[0] == final[0].metrics.first_token_time
+    assert len(final[0].metrics.inter_token_latencies) == len(times) - 1
     assert [dataclasses.astuple(c) for c in final[0].outputs] == [
         dataclasses.astuple(c) for c in cumulative[-1].outputs
     ]

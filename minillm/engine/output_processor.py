@@ -134,6 +134,8 @@ class OutputProcessor:
                 m.first_scheduled_time = seq.first_scheduled_time
                 m.num_cached_tokens = seq.num_cached_tokens
             m.num_generation_tokens += 1
+            if seq.index == 0:
+                m.token_times.append(now)
             self.stats.generation_tokens += 1
             touched[state.request_id] = state
         outputs = []

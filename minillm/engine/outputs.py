@@ -31,6 +31,13 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_cached_tokens: int = 0
+    token_times: list[float] = field(default_factory=list)  # each token of completion 0
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        """Seconds between consecutive tokens of the first completion (vLLM's ITL)."""
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
 
     @property
     def ttft(self) -> float | None:

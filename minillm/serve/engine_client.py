@@ -29,7 +29,7 @@ from minillm.engine.llm_engine import PromptError
 from minillm.engine.outputs import RequestOutput
 from minillm.hub.modelfile import Modelfile
 from minillm.llm import LLM
-from minillm.sampling import RequestOutputKind, SamplingParams
+from minillm.sampling import SamplingParams
 from minillm.serve.admission import Admission
 from minillm.serve.errors import APIError, bad_request
 from minillm.serve.metrics import ServerMetrics
@@ -276,20 +276,15 @@ class ServingEngine:
         """The engine's outputs, in the kind `params.output_kind` asks for (DELTA for streams,
         FINAL_ONLY otherwise). The caller holds an Admission for the request's sequences.
 
-        Also observes inter-token latency, as the first choice's tokens arrive; a FINAL_ONLY
-        request is seen once, so its mean gap (the engine's timings) stands for each of its
-        gaps. Closing this generator early (a client that left) aborts the request."""
-        last_time = None
+        Also observes inter-token latency: the gaps between the first choice's tokens, as the
+        engine timed them (RequestMetrics.token_times), whatever the output kind. Closing this
+        generator early (a client that left) aborts the request."""
+        seen = 1  # token_times[0] opens the first gap
         async for out in self.async_engine.generate(prompt_ids, params, request_id):
-            new = sum(len(c.token_ids) for c in out.outputs if c.index == 0)
-            if params.output_kind is RequestOutputKind.FINAL_ONLY:
-                if new > 1 and out.metrics.eval_duration is not None:
-                    self.metrics.observe_token_gap(out.metrics.eval_duration, new - 1)
-            elif new:
-                now = time.perf_counter()
-                if last_time is not None:
-                    self.metrics.observe_token_gap(now - last_time, new)
-                last_time = now
+            times = out.metrics.token_times
+            for i in range(seen, len(times)):
+                self.metrics.observe_token_gap(times[i] - times[i - 1])
+            seen = max(seen, len(times))
             yield out
 
     async def generate_to_end(
