@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,23 +36,54 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        tensor_parallel_size: int = 1,
     ) -> None:
-        self.loaded = load_model(model, backend)
-        self.engine = LLMEngine(
-            self.loaded.model,
-            self.loaded.tokenizer,
-            EngineConfig(
-                block_size=block_size,
-                kv_cache_memory=kv_cache_memory,
-                num_kv_blocks=num_kv_blocks,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_model_len=max_model_len,
-                enable_prefix_caching=enable_prefix_caching,
-                enable_chunked_prefill=enable_chunked_prefill,
-            ),
-        )
+        """tensor_parallel_size > 1: split the model over that many processes (Megatron-style
+        tensor parallelism, minillm/parallel/); kv_cache_memory is then per rank. Such an LLM
+        holds worker processes: close() it (or use `with LLM(...) as llm:`) when done."""
+        tp = tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        self._close = lambda: None
+        if tp == 1:  # the single-process engine; nothing distributed is imported
+            self.loaded = load_model(model, backend)
+        else:
+            from minillm.parallel.executor import start_tensor_parallel
+
+            self.loaded, executor = start_tensor_parallel(model, backend, tp)
+            # workers stop on close(), on garbage collection, or at interpreter exit
+            self._close = weakref.finalize(self, executor.shutdown)
+        try:
+            self.engine = LLMEngine(
+                self.loaded.model,
+                self.loaded.tokenizer,
+                EngineConfig(
+                    block_size=block_size,
+                    kv_cache_memory=kv_cache_memory,
+                    num_kv_blocks=num_kv_blocks,
+                    max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens,
+                    max_model_len=max_model_len,
+                    enable_prefix_caching=enable_prefix_caching,
+                    enable_chunked_prefill=enable_chunked_prefill,
+                ),
+            )
+            if tp > 1:
+                executor.attach(self.engine)
+        except BaseException:
+            self._close()
+            raise
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; a no-op for one process)."""
+        self._close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self):  # noqa: ANN201 - minillm.tokenizer.Tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -66,12 +67,18 @@ def read_model_files(path: Path) -> tuple[ModelConfig, ModelWeights, Tokenizer]:
     )
 
 
-def load_model(model: str | Path = "smollm2", backend: str = "auto") -> LoadedModel:
+def load_model(
+    model: str | Path = "smollm2",
+    backend: str = "auto",
+    build: Callable[[ModelConfig, ModelWeights, ModuleType], LlamaModel] = LlamaModel,
+) -> LoadedModel:
+    """build: how the model is made from config, weights and backend (tensor parallelism
+    builds one rank's shard instead, minillm/parallel/executor.py)."""
     t0 = time.perf_counter()
     ops = get_backend(backend)
     path = locate(model)
     config, weights, tokenizer = read_model_files(path)
-    net = LlamaModel(config, weights, ops)
+    net = build(config, weights, ops)
     try:
         template = ChatTemplate(
             tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token or ""

@@ -90,12 +90,17 @@ class LlamaModel:
             q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
             ops.store_kv(k, v, kc, vc, batch.slot_mapping)
             attn = self._attention(q, kc, vc, batch)  # (T, H, D)
-            x = x + ops.linear(attn.reshape(t, -1), layer.wo)
+            x = x + self._all_reduce(ops.linear(attn.reshape(t, -1), layer.wo))
             # ---- feed-forward block (SwiGLU): x + W_down · (silu(W_gate·h) * W_up·h)
             h = ops.rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
             gate_up = ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up))
-            x = x + ops.linear(gate_up, layer.w_down)
+            x = x + self._all_reduce(ops.linear(gate_up, layer.w_down))
         return x
+
+    def _all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """The output of a row-parallel projection (o, down): whole already on one process; a
+        tensor-parallel shard sums it over the ranks here (parallel/tp_model.py)."""
+        return y
 
     def _logits(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """(S, V): only the rows that will be sampled need the (big) vocabulary projection."""
