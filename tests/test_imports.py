@@ -70,7 +70,10 @@ def test_cycle_finder_finds_a_lazy_cycle():
     assert cycle_in({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
-@pytest.mark.parametrize("folder", ["compress", "kernels", "hub", "engine", "model", "kv"])
+@pytest.mark.parametrize(
+    "folder",
+    ["compress", "kernels", "hub", "engine", "model", "kv", "serve", "formats", "parallel"],
+)
 def test_imports_inside_a_folder_flow_one_way(folder):
     prefix = f"minillm.{folder}."
     graph = {
