@@ -61,9 +61,16 @@ def make_tiny_tokenizer(folder: Path, vocab_size: int = 384) -> int:
 
 
 def make_tiny_model(
-    folder: str | Path, arch: str = "llama", seed: int = 0, tie_word_embeddings: bool | None = None
+    folder: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    tie_word_embeddings: bool | None = None,
+    **config: Any,
 ) -> Path:
-    """A 2-layer random Llama or Qwen2 in HF format (GQA: 4 query heads, 2 KV heads)."""
+    """A 2-layer random Llama or Qwen2 in HF format (GQA: 4 query heads, 2 KV heads).
+
+    `config` overrides fields of the HF config, e.g. num_attention_heads=12 and
+    num_key_value_heads=6 for a model that splits over 2 or 3 tensor-parallel ranks."""
     import torch
     import transformers
 
@@ -83,6 +90,7 @@ def make_tiny_model(
         bos_token_id=1,
         eos_token_id=2,
     )
+    common.update(config)
     if arch == "llama":
         tie = False if tie_word_embeddings is None else tie_word_embeddings
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=tie)

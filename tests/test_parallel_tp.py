@@ -30,7 +30,7 @@ from minillm.loader import read_model_files
 from minillm.parallel.executor import TensorParallelExecutor
 from minillm.parallel.shard import shard_weights, vocab_rows
 from minillm.parallel.sizes import check_tp_size, valid_tp_sizes
-from minillm.testing import make_tiny_tokenizer
+from minillm.testing import make_tiny_model
 
 DEADLINE_S = 120.0  # generous: a loaded 2-core machine takes seconds to spawn a worker
 PROMPTS = [
@@ -44,36 +44,10 @@ def _make_model(folder: Path, arch: str) -> Path:
     """A 2-layer random model whose 12 heads, 6 KV heads and FFN of 192 split over 2 or 3
     ranks (make_tiny_model's 4 heads and 2 KV heads allow only 2). qwen2: tied lm_head and
     q/k/v biases, so both the tied vocabulary shard and the bias shards are exercised."""
-    import transformers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    common = dict(
-        vocab_size=make_tiny_tokenizer(folder),
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=12,
-        num_key_value_heads=6,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        bos_token_id=1,
-        eos_token_id=2,
+    shape = dict(
+        hidden_size=96, intermediate_size=192, num_attention_heads=12, num_key_value_heads=6
     )
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False)
-        cls = transformers.LlamaForCausalLM
-    else:
-        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
-        cls = transformers.Qwen2ForCausalLM
-    torch.manual_seed(0)
-    model = cls(cfg).to(torch.float32)
-    with torch.no_grad():  # biases and norms start at 0 / 1; make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return make_tiny_model(folder, arch, seed=0, **shape)
 
 
 @pytest.fixture(scope="module")
