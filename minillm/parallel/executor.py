@@ -216,7 +216,10 @@ class TensorParallelExecutor:
     def _fail(self, cause: BaseException | None) -> RuntimeError:
         """Name the dead worker (give it a moment to be seen dead), then stop the rest."""
         if not self._dead_workers():
-            wait([p.sentinel for p in self.procs], timeout=min(10.0, self.timeout_s))
+            ready = wait([p.sentinel for p in self.procs], timeout=min(10.0, self.timeout_s))
+            for proc in self.procs:  # its sentinel closes a moment before it can be reaped
+                if proc.sentinel in ready:
+                    proc.join(10.0)
         if self._dead_workers():
             message = self._death_message()
         else:
