@@ -198,7 +198,7 @@ class OutputProcessor:
         for index in sorted(state.completions):
             comp = state.completions[index]
             seq, text = comp.seq, self._visible(comp)
-            ids, lps = seq.output_token_ids, seq.logprobs
+            visible_chars, ids, lps = len(text), seq.output_token_ids, seq.logprobs
             if delta:
                 new_text, new_ids = text[comp.sent_chars :], ids[comp.sent_tokens :]
                 ended = seq.is_finished and not comp.sent_final
@@ -206,7 +206,7 @@ class OutputProcessor:
                     continue
                 lps = lps[comp.sent_tokens :]
                 text, ids = new_text, new_ids
-            comp.sent_chars, comp.sent_tokens = len(self._visible(comp)), seq.num_output_tokens
+            comp.sent_chars, comp.sent_tokens = visible_chars, seq.num_output_tokens
             comp.sent_final = seq.is_finished
             outs.append(
                 CompletionOutput(
