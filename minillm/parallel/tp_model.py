@@ -21,6 +21,7 @@ from minillm.config import ModelConfig
 from minillm.model.batch import ForwardBatch
 from minillm.model.llama import LlamaModel
 from minillm.model.weights import ModelWeights
+from minillm.parallel import traffic
 from minillm.parallel.shard import local_config, shard_weights
 
 
@@ -53,6 +54,7 @@ class ShardedLlamaModel(LlamaModel):
         return cls(config, shard_weights(weights, config, rank, world_size), ops, rank, world_size)
 
     def _all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        traffic.record("tp_all_reduce", y.numel() * y.element_size())
         dist.all_reduce(y)  # sum of the ranks' partial products: the full projection
         return y
 
@@ -62,6 +64,7 @@ class ShardedLlamaModel(LlamaModel):
         vocab = self.full_config.vocab_size
         if local.shape[0] == 0:  # every rank sees the same batch, so all skip the gather
             return local.new_empty((0, vocab))
+        traffic.record("tp_gather", local.numel() * local.element_size())
         if self.rank != 0:
             dist.gather(local, None, dst=0)
             return local
