@@ -36,7 +36,7 @@ BITS_PER_WEIGHT: dict[str, float] = {
 
 
 # ---------------------------------------------------------------------------- input checks
-def _non_negative(name: str, value: Any) -> float:
+def non_negative(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if math.isnan(value) or math.isinf(value) or value < 0:
@@ -44,7 +44,7 @@ def _non_negative(name: str, value: Any) -> float:
     return value
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -57,7 +57,7 @@ def resolve_bits(bits: float | str) -> float:
         if key not in BITS_PER_WEIGHT:
             raise ValueError(f"unknown weight format {bits!r}; known: {', '.join(BITS_PER_WEIGHT)}")
         return float(BITS_PER_WEIGHT[key])
-    b = _non_negative("bits", bits)
+    b = non_negative("bits", bits)
     if not 0 < b <= 32:
         raise ValueError(f"bits per weight must be in (0, 32], got {bits}")
     return float(b)
@@ -67,7 +67,7 @@ def _elem_bytes(name: str, value: float | str) -> float:
     """Bytes per stored element, from a number of bytes or a format name ("fp16", "int8")."""
     if isinstance(value, str):
         return resolve_bits(value) / 8
-    v = _non_negative(name, value)
+    v = non_negative(name, value)
     if v == 0:
         raise ValueError(f"{name} must be > 0")
     return float(v)
@@ -90,6 +90,13 @@ class ModelSpec:
     context_length: int | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 puts a bias on q, k and v
+    # Mixture of experts (MoE): each layer's MLP is num_experts SwiGLU experts of
+    # moe_intermediate_size, of which a router picks experts_per_tok per token; Qwen-MoE adds an
+    # always-on shared expert with a sigmoid gate. num_experts = 0 means a dense MLP.
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.n_params, bool) or not isinstance(self.n_params, numbers.Real):
@@ -98,13 +105,25 @@ class ModelSpec:
             raise ValueError(f"n_params must be > 0, got {self.n_params}")
         for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                   "vocab_size", "intermediate_size"):  # fmt: skip
-            _positive_int(f, getattr(self, f))
+            positive_int(f, getattr(self, f))
         if self.context_length is not None:
-            _positive_int("context_length", self.context_length)
+            positive_int("context_length", self.context_length)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.num_experts:
+            positive_int("num_experts", self.num_experts)
+            positive_int("moe_intermediate_size", self.moe_intermediate_size)
+            if not 1 <= self.experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"experts_per_tok must be in 1..num_experts={self.num_experts}, "
+                    f"got {self.experts_per_tok}"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_dim(self) -> int:
@@ -115,15 +134,35 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     def count_params(self) -> int:
-        """Parameters implied by the shapes: embeddings, per-layer attention + SwiGLU MLP + two
-        RMSNorms, the final norm, and the LM head unless it is tied to the embeddings."""
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        """Parameters implied by the shapes: embeddings, per-layer attention + SwiGLU MLP (or
+        MoE experts, router and shared expert) + two RMSNorms, the final norm, and the LM head
+        unless it is tied to the embeddings."""
+        return self._count(self.num_experts)
+
+    def active_params(self) -> int:
+        """Parameters one token uses: an MoE layer runs only experts_per_tok of its experts.
+        Compute per token follows this; memory follows count_params."""
+        return self._count(self.experts_per_tok if self.is_moe else 0)
+
+    def _count(self, experts: int) -> int:
+        d, v = self.hidden_size, self.vocab_size
         attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
         if self.attention_bias:
             attn += self.q_dim + 2 * self.kv_dim
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + self.mlp_params(experts) + 2 * d
         lm_head = 0 if self.tie_word_embeddings else v * d
         return v * d + self.num_layers * layer + d + lm_head
+
+    def mlp_params(self, experts: int | None = None) -> int:
+        """One layer's MLP parameters; for MoE, with ``experts`` of them (default: all)."""
+        d = self.hidden_size
+        if not self.is_moe:
+            return 3 * d * self.intermediate_size
+        n = self.num_experts if experts is None else experts
+        mlp = n * 3 * d * self.moe_intermediate_size + self.num_experts * d  # experts + router
+        if self.shared_expert_intermediate_size:
+            mlp += 3 * d * self.shared_expert_intermediate_size + d  # shared expert + its gate
+        return mlp
 
     @classmethod
     def from_config(cls, cfg: Any, name: str | None = None) -> ModelSpec:
@@ -139,6 +178,18 @@ class ModelSpec:
             raise ValueError(f"config object lacks {', '.join(missing)}")
         fields = {a: getattr(cfg, a) for a in required}
         fields["num_heads"] = getattr(cfg, "num_heads", fields["hidden_size"] // fields["head_dim"])
+        moe = {
+            "num_experts": int(getattr(cfg, "num_experts", 0) or 0),
+            "experts_per_tok": int(getattr(cfg, "num_experts_per_tok", 0) or 0),
+            "moe_intermediate_size": int(
+                getattr(cfg, "moe_intermediate_size", 0) or fields["intermediate_size"]
+            ),
+            "shared_expert_intermediate_size": int(
+                getattr(cfg, "shared_expert_intermediate_size", 0) or 0
+            ),
+        }
+        if not moe["num_experts"]:
+            moe = {}
         spec = cls(
             name=name or str(getattr(cfg, "name", "") or "model"),
             n_params=1,  # placeholder, counted below
@@ -146,21 +197,26 @@ class ModelSpec:
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(cfg, "attention_bias", False)),
             **fields,
+            **moe,
         )
         return replace(spec, n_params=spec.count_params())
 
 
 def _spec(
     name: str, n_params: int, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
-    ffn: int, ctx: int, tied: bool = False, bias: bool = False,
+    ffn: int, ctx: int, tied: bool = False, bias: bool = False, moe: tuple[int, ...] = (),
 ) -> ModelSpec:  # fmt: skip
+    """moe = (num_experts, experts_per_tok, moe_intermediate_size[, shared_expert_size])."""
+    experts = dict(zip(("num_experts", "experts_per_tok", "moe_intermediate_size",
+                        "shared_expert_intermediate_size"), moe, strict=False))  # fmt: skip
     return ModelSpec(name, n_params, layers, hidden, heads, kv_heads, hidden // heads, vocab, ffn,
-                     ctx, tied, bias)  # fmt: skip
+                     ctx, tied, bias, **experts)  # fmt: skip
 
 
 # Published configs (config.json: num_hidden_layers, hidden_size, num_attention_heads,
 # num_key_value_heads, vocab_size, intermediate_size, max_position_embeddings of the Instruct /
 # chat releases) and published parameter counts; tests check that the two agree.
+# fmt: off
 _KNOWN = [
     _spec("SmolLM2-135M", 134_515_008, 30, 576, 9, 3, 49152, 1536, 8192, tied=True),
     _spec("SmolLM2-360M", 361_821_120, 32, 960, 15, 5, 49152, 2560, 8192, tied=True),
@@ -179,7 +235,13 @@ _KNOWN = [
     _spec("Llama-2-70B", 68_976_648_192, 80, 8192, 64, 8, 32000, 28672, 4096),
     _spec("Llama-3-8B", 8_030_261_248, 32, 4096, 32, 8, 128256, 14336, 8192),
     _spec("Llama-3-70B", 70_553_706_496, 80, 8192, 64, 8, 128256, 28672, 8192),
+    _spec("Llama-3.1-405B", 405_853_388_800, 126, 16384, 128, 8, 128256, 53248, 131072),
+    # MoE: published totals (46.7B, 14.3B) and active counts (12.9B, 2.7B) match the shapes
+    _spec("Mixtral-8x7B", 46_702_792_704, 32, 4096, 32, 8, 32000, 14336, 32768, moe=(8, 2, 14336)),
+    _spec("Qwen1.5-MoE-A2.7B", 14_315_784_192, 24, 2048, 16, 16, 151936, 5632, 8192, False, True,
+          (60, 4, 1408, 5632)),
 ]
+# fmt: on
 KNOWN_MODELS: dict[str, ModelSpec] = {m.name: m for m in _KNOWN}
 
 
@@ -196,7 +258,7 @@ def get_model(name: str) -> ModelSpec:
 # ---------------------------------------------------------------------------- inference memory
 def weights_bytes(n_params: float, bits: float | str = 16) -> float:
     """Bytes to store ``n_params`` weights at ``bits`` each (a number or a format name)."""
-    return _non_negative("n_params", n_params) * resolve_bits(bits) / 8
+    return non_negative("n_params", n_params) * resolve_bits(bits) / 8
 
 
 def kv_bytes_per_token(spec: ModelSpec, bytes_per_elem: float | str = 2) -> float:
@@ -208,7 +270,7 @@ def kv_cache_bytes(
     spec: ModelSpec, seq_len: int, batch: int = 1, bytes_per_elem: float | str = 2
 ) -> float:
     """KV cache of ``batch`` sequences of ``seq_len`` tokens (fp16 by default)."""
-    tokens = _non_negative("seq_len", seq_len) * _non_negative("batch", batch)
+    tokens = non_negative("seq_len", seq_len) * non_negative("batch", batch)
     return tokens * kv_bytes_per_token(spec, bytes_per_elem)
 
 
@@ -218,7 +280,7 @@ def activation_bytes(spec: ModelSpec, num_tokens: int, bytes_per_elem: float | s
     At inference nothing is kept for a backward pass, so this is the residual stream of the
     tokens one forward step processes. It is a floor: see ``forward_working_set_bytes``.
     """
-    n = _non_negative("num_tokens", num_tokens)
+    n = non_negative("num_tokens", num_tokens)
     return n * spec.hidden_size * _elem_bytes("bytes_per_elem", bytes_per_elem)
 
 
@@ -234,11 +296,11 @@ def forward_working_set_bytes(
     left out: paged / flash attention computes them tile by tile. This is why engines cap the
     tokens per step (vLLM's max_num_batched_tokens).
     """
-    n = _non_negative("num_tokens", num_tokens)
+    n = non_negative("num_tokens", num_tokens)
     per_token = 2 * spec.hidden_size + max(
         2 * spec.q_dim + 2 * spec.kv_dim, 3 * spec.intermediate_size
     )
-    logits = _non_negative("logits_rows", logits_rows) * spec.vocab_size * 4
+    logits = non_negative("logits_rows", logits_rows) * spec.vocab_size * 4
     return n * per_token * _elem_bytes("bytes_per_elem", bytes_per_elem) + logits
 
 
@@ -279,7 +341,7 @@ def inference_total(
 
 def rule_of_thumb_bytes(n_params: float, bits: float | str = 16, overhead: float = 1.2) -> float:
     """The quick estimate of the course notes: weights times 1.2 to 1.5 for KV cache and runtime."""
-    if _non_negative("overhead", overhead) < 1:
+    if non_negative("overhead", overhead) < 1:
         raise ValueError(f"overhead is a factor >= 1, got {overhead}")
     return weights_bytes(n_params, bits) * overhead
 
@@ -320,7 +382,7 @@ def training_bytes(
     16-bit weights and gradients (2 + 2 bytes), fp32 m and v (4 + 4) and an fp32 master copy
     of the weights (4): 16 bytes per parameter before activations.
     """
-    n = _non_negative("n_params", n_params)
+    n = non_negative("n_params", n_params)
     key = optimizer.strip().lower()
     if key not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_STATES)}")
@@ -329,7 +391,7 @@ def training_bytes(
         gradients=n * _elem_bytes("grad_bytes", grad_bytes),
         optimizer_states=n * OPTIMIZER_STATES[key] * _elem_bytes("state_bytes", state_bytes),
         master_weights=n * 4 if master_weights else 0,
-        activations=_non_negative("activations", activations),
+        activations=non_negative("activations", activations),
     )
 
 
@@ -342,7 +404,7 @@ def training_activation_bytes(
     count ``s*b*h*(34 + 5*a*s/h)`` bytes per GPT layer; the ``5*a*s/h`` term is the attention
     score matrices, which flash attention does not store. An estimate for Llama-style layers.
     """
-    s, b = _non_negative("seq_len", seq_len), _non_negative("batch", batch)
+    s, b = non_negative("seq_len", seq_len), non_negative("batch", batch)
     h, a = spec.hidden_size, spec.num_heads
     per_layer = s * b * h * (34 + (0 if flash_attention else 5 * a * s / h))
     return spec.num_layers * per_layer
@@ -401,9 +463,9 @@ def fits(
     """Whether ``required_bytes`` fit in ``num_gpus`` such GPUs, using a fraction of each
     (vLLM's gpu_memory_utilization defaults to 0.9)."""
     g = get_gpu(gpu)
-    need = _non_negative("required_bytes", required_bytes)
-    num = _positive_int("num_gpus", num_gpus)
-    if not 0 < _non_negative("utilization", utilization) <= 1:
+    need = non_negative("required_bytes", required_bytes)
+    num = positive_int("num_gpus", num_gpus)
+    if not 0 < non_negative("utilization", utilization) <= 1:
         raise ValueError(f"utilization must be in (0, 1], got {utilization}")
     return need <= num * g.memory_bytes * utilization
 
@@ -435,16 +497,16 @@ def decode_tokens_per_s_roofline(bandwidth_gb_s: float, bytes_per_token: float) 
     For a batch, bytes_per_token = decode_bytes_per_step(...) / batch: the weights are read
     once per step and shared by every sequence in it, which is why batching raises throughput.
     """
-    bw = _non_negative("bandwidth_gb_s", bandwidth_gb_s)
-    if _non_negative("bytes_per_token", bytes_per_token) == 0:
+    bw = non_negative("bandwidth_gb_s", bandwidth_gb_s)
+    if non_negative("bytes_per_token", bytes_per_token) == 0:
         raise ValueError("bytes_per_token must be > 0")
     return bw * GB / bytes_per_token
 
 
 def cost_per_million_tokens(price_per_hour: float, tokens_per_s: float) -> float:
     """Dollars per 1M generated tokens for a machine billed by the hour at a steady rate."""
-    price = _non_negative("price_per_hour", price_per_hour)
-    if _non_negative("tokens_per_s", tokens_per_s) == 0:
+    price = non_negative("price_per_hour", price_per_hour)
+    if non_negative("tokens_per_s", tokens_per_s) == 0:
         raise ValueError("tokens_per_s must be > 0")
     return price / (tokens_per_s * 3600) * 1_000_000
 
@@ -452,12 +514,12 @@ def cost_per_million_tokens(price_per_hour: float, tokens_per_s: float) -> float
 # ---------------------------------------------------------------------------- formatting
 def format_gib(num_bytes: float) -> str:
     """'13.0 GiB': bytes in binary gigabytes with one decimal."""
-    return f"{_non_negative('num_bytes', num_bytes) / GIB:.1f} GiB"
+    return f"{non_negative('num_bytes', num_bytes) / GIB:.1f} GiB"
 
 
 def format_bytes(num_bytes: float) -> str:
     """The largest binary unit that keeps the number >= 1: '512 B', '1.5 MiB', '2.0 GiB'."""
-    n = _non_negative("num_bytes", num_bytes)
+    n = non_negative("num_bytes", num_bytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
