@@ -75,7 +75,7 @@ class LlamaModel:
         ops, cfg = self.ops, self.config
         t = batch.num_tokens
         cos, sin = self.rope_tables(batch.positions)
-        x = ops.embedding(batch.token_ids, self.embed)  # (T, d)
+        x = self._embed(batch)  # (T, d)
         if self.fused_decode and not batch.prefills:  # the same math, one call per layer
             return ops.decoder_layers(
                 x, self.layers, k_caches, v_caches, batch, cos, sin,
@@ -96,6 +96,11 @@ class LlamaModel:
             gate_up = ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up))
             x = x + self._all_reduce(ops.linear(gate_up, layer.w_down))
         return x
+
+    def _embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """The residual stream entering the first layer: the token embeddings here; a later
+        pipeline stage takes the previous stage's output instead (parallel/tp_model.py)."""
+        return self.ops.embedding(batch.token_ids, self.embed)
 
     def _all_reduce(self, y: torch.Tensor) -> torch.Tensor:
         """The output of a row-parallel projection (o, down): whole already on one process; a
