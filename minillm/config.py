@@ -2,6 +2,9 @@
 
 Read from GGUF metadata (``llama.block_count`` ...) or from a Hugging Face ``config.json``;
 both families we run (Llama, Qwen2) share one config because they share one forward pass.
+Mixture-of-experts models (Mixtral, Qwen2-MoE; HF folders only) are the same transformer with
+some feed-forward blocks replaced by routed experts: ``ModelConfig.moe`` (a ``MoEConfig``)
+says which and how many; it is None for a dense model.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")  # dense; from GGUF or HF folders
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe")  # HF folders only (no MoE GGUF ships here)
 # Sizes beyond int32 are never real and would overflow index arithmetic downstream.
 _MAX_SIZE = 2**31 - 1
 
@@ -52,6 +56,45 @@ def _gguf_vocab_size(md: dict[str, Any], arch: str) -> int:
     return len(tokens)
 
 
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_SIZE:
+        raise ValueError(f"{name} must be a positive integer below 2**31, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The routed feed-forward of an MoE model (Mixtral / Qwen2-MoE layout).
+
+    Each MoE layer has num_experts SwiGLU experts of moe_intermediate_size; a router (a linear
+    d -> num_experts) scores them per token, softmax, keeps the num_experts_per_tok best and,
+    if norm_topk_prob, rescales those weights to sum to 1 (Mixtral always does). Qwen2-MoE adds
+    a shared expert of shared_expert_intermediate_size (0: none) that every token runs, scaled
+    by sigmoid(shared_expert_gate . h). Layers listed in dense_layers keep a plain SwiGLU FFN of
+    the model's intermediate_size.
+    """
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    shared_expert_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive("num_experts", self.num_experts)
+        _positive("moe_intermediate_size", self.moe_intermediate_size)
+        k = self.num_experts_per_tok
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in 1..num_experts={self.num_experts}, got {k!r}"
+            )
+        if self.shared_expert_intermediate_size:
+            _positive("shared_expert_intermediate_size", self.shared_expert_intermediate_size)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
@@ -68,12 +111,19 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # Qwen2 puts a bias on q/k/v
     name: str = ""
+    moe: MoEConfig | None = None  # None: every layer's FFN is dense
 
     def __post_init__(self) -> None:
         """Every source (GGUF, config.json, pruning) lands here: sizes size every buffer."""
-        if self.arch not in SUPPORTED_ARCHITECTURES:
+        archs = SUPPORTED_ARCHITECTURES + MOE_ARCHITECTURES
+        if self.arch not in archs:
             raise ValueError(
-                f"unsupported architecture {self.arch!r}; minillm runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {self.arch!r}; minillm runs {', '.join(archs)}"
+            )
+        if (self.moe is None) == (self.arch in MOE_ARCHITECTURES):
+            raise ValueError(
+                f"architecture {self.arch!r} "
+                + ("needs an MoE config" if self.moe is None else "is dense but has an MoE config")
             )
         for f in fields(self):
             value = getattr(self, f.name)
@@ -97,9 +147,20 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
-        layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else v * d
-        return v * d + self.num_layers * layer + d + head
+        if self.moe is None:
+            return v * d + self.num_layers * (attn + 3 * d * f + 2 * d) + d + head
+        m = self.moe
+        routed = m.num_experts * (3 * d * m.moe_intermediate_size + d)  # experts + router rows
+        shared = (
+            3 * d * m.shared_expert_intermediate_size + d
+            if m.shared_expert_intermediate_size
+            else 0
+        )
+        ffn = sum(
+            routed + shared if m.is_moe_layer(i) else 3 * d * f for i in range(self.num_layers)
+        )
+        return v * d + self.num_layers * (attn + 2 * d) + ffn + d + head
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -111,6 +172,13 @@ class ModelConfig:
         """The config a GGUF header describes. Every number is checked for type, range and
         consistency, and a bad one is named by its GGUF key (callers add the file's name)."""
         arch = md.get("general.architecture", "")
+        experts = md.get(f"{arch}.expert_count") if isinstance(arch, str) else None
+        if (isinstance(experts, int) and experts > 0) or arch in ("qwen2moe", "mixtral"):
+            raise ValueError(
+                f"this GGUF holds a mixture-of-experts model ({arch}, {experts} experts); "
+                "minillm runs MoE models from Hugging Face folders only (config.json + "
+                "safetensors), not from GGUF"
+            )
         if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {arch!r:.40} in GGUF metadata; minillm runs "
@@ -159,10 +227,16 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             cfg = json.loads(Path(cfg).read_text())
         model_type = cfg.get("model_type", "")
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        if model_type not in SUPPORTED_ARCHITECTURES + MOE_ARCHITECTURES:
             raise ValueError(
                 f"unsupported model_type {model_type!r} in config.json; minillm runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{', '.join(SUPPORTED_ARCHITECTURES + MOE_ARCHITECTURES)}"
+            )
+        window = cfg.get("sliding_window") and cfg.get("use_sliding_window", True)
+        if model_type in MOE_ARCHITECTURES and window:
+            raise ValueError(
+                f"sliding-window attention (sliding_window={cfg['sliding_window']}) is not "
+                "supported for this model type; minillm attends to the whole context"
             )
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -182,6 +256,35 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            attention_bias=bool(
+                cfg.get("attention_bias", cfg.get("qkv_bias", model_type.startswith("qwen2")))
+            ),
             name=str(cfg.get("_name_or_path", "")),
+            moe=_hf_moe_config(cfg, int(cfg["num_hidden_layers"])),
         )
+
+
+def _hf_moe_config(cfg: dict[str, Any], num_layers: int) -> MoEConfig | None:
+    """The MoE part of a config.json: Mixtral's or Qwen2-MoE's names; None for a dense one."""
+    model_type = cfg.get("model_type")
+    if model_type == "mixtral":
+        return MoEConfig(
+            num_experts=int(cfg["num_local_experts"]),
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            moe_intermediate_size=int(cfg["intermediate_size"]),  # Mixtral's experts are the FFN
+            norm_topk_prob=True,
+        )
+    if model_type == "qwen2_moe":
+        # a layer is dense if listed in mlp_only_layers or off the decoder_sparse_step grid
+        step = int(cfg.get("decoder_sparse_step", 1))
+        only = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+        dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
+        return MoEConfig(
+            num_experts=int(cfg["num_experts"]),
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+            dense_layers=dense,
+        )
+    return None

@@ -111,6 +111,91 @@ def make_tiny_model(
     return folder
 
 
+def prefill_logits(model: Any, ids: list[int], block_size: int = 4) -> Any:
+    """(len(ids), V) logits of one whole sequence, through a fresh paged KV cache: how tests
+    compare a model's every position with a reference (transformers, one process)."""
+    import torch
+
+    from minillm.kv.cache import KVCache
+    from minillm.model.batch import ForwardBatch, PrefillChunk
+
+    cfg, t = model.config, len(ids)
+    nblk = -(-t // block_size)
+    kv = KVCache(cfg.num_layers, nblk + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
+    table = list(range(1, nblk + 1))  # block 0 stays unused, as the engine's null block
+    slots = [table[p // block_size] * block_size + p % block_size for p in range(t)]
+    batch = ForwardBatch(
+        torch.tensor(ids),
+        torch.arange(t),
+        torch.tensor(slots),
+        0,
+        torch.zeros(0, 0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        [PrefillChunk(0, t, t, torch.tensor(table))],
+        torch.arange(t),
+    )
+    return model.forward(batch, kv.k, kv.v)
+
+
+def make_tiny_moe_model(
+    folder: str | Path,
+    arch: str = "mixtral",
+    num_experts: int = 4,
+    top_k: int = 2,
+    seed: int = 0,
+    **config: Any,
+) -> Path:
+    """A 2-layer random mixture-of-experts model in HF format: Mixtral (renormalised top-k) or
+    Qwen2-MoE (q/k/v bias, shared expert with a sigmoid gate, norm_topk_prob=False unless
+    overridden). `config` overrides fields of the HF config (e.g. mlp_only_layers=[0])."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = make_tiny_tokenizer(folder)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        num_experts_per_tok=top_k,
+        tie_word_embeddings=False,
+    )
+    if arch == "mixtral":
+        common.update(intermediate_size=96, num_local_experts=num_experts)
+        common.update(config)
+        cfg, cls = transformers.MixtralConfig(**common), transformers.MixtralForCausalLM
+    elif arch == "qwen2_moe":
+        common.update(
+            intermediate_size=96,  # the dense FFN of layers in mlp_only_layers
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            num_experts=num_experts,
+            norm_topk_prob=False,
+        )
+        common.update(config)
+        cfg, cls = transformers.Qwen2MoeConfig(**common), transformers.Qwen2MoeForCausalLM
+    else:
+        raise ValueError(f"unknown tiny MoE arch {arch!r}: use 'mixtral' or 'qwen2_moe'")
+    torch.manual_seed(seed)
+    model = cls(cfg).to(torch.float32)
+    with torch.no_grad():  # biases and norms away from their defaults; routers that pick
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("gate.weight") and p.shape[0] in (num_experts, 1):
+                p.normal_(0.0, 0.5)  # routers (and the shared gate): clear, varied choices
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @contextmanager
 def slowed_steps(engine: Any, seconds: float = 0.01) -> Iterator[None]:
     """Each `engine.step()` takes at least `seconds` longer inside the block.

@@ -14,23 +14,37 @@ import torch
 
 from minillm.config import ModelConfig
 from minillm.model.batch import ForwardBatch
+from minillm.model.moe import ExpertCounts, MoEFeedForward
 from minillm.model.weights import ModelWeights
 
 
 class Layer:
-    def __init__(self, lw: Any, ops: ModuleType) -> None:
+    """One decoder layer's prepared weights. Its FFN is dense (w_gate, w_up, w_down) or, in
+    an MoE layer, `moe`: a callable (T, d) -> (T, d) that owns its experts (model/moe.py)."""
+
+    def __init__(self, lw: Any, ops: ModuleType, moe: Any = None) -> None:
         vec, lin = ops.prepare_vector, ops.prepare_linear
         self.attn_norm, self.ffn_norm = vec(lw.attn_norm), vec(lw.ffn_norm)
         self.wq, self.wk, self.wv, self.wo = lin(lw.wq), lin(lw.wk), lin(lw.wv), lin(lw.wo)
         self.bq, self.bk, self.bv = (None if b is None else vec(b) for b in (lw.bq, lw.bk, lw.bv))
-        self.w_gate, self.w_up, self.w_down = lin(lw.w_gate), lin(lw.w_up), lin(lw.w_down)
+        self.moe = moe
+        if moe is None:
+            self.w_gate, self.w_up, self.w_down = lin(lw.w_gate), lin(lw.w_up), lin(lw.w_down)
 
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: ModelWeights, ops: ModuleType) -> None:
         self.config, self.ops = config, ops
         self.embed = ops.prepare_embedding(weights.embed)
-        self.layers = [Layer(lw, ops) for lw in weights.layers]
+        # router statistics of the MoE layers (None for a dense model), see model/moe.py
+        self.expert_counts: ExpertCounts | None = None
+        moe_layers = [i for i, lw in enumerate(weights.layers) if lw.moe is not None]
+        if config.moe is not None and moe_layers:
+            self.expert_counts = ExpertCounts(moe_layers, config.moe.num_experts)
+        self.layers = [
+            Layer(lw, ops, None if lw.moe is None else self.make_moe(lw.moe, moe_layers.index(i)))
+            for i, lw in enumerate(weights.layers)
+        ]
         self.final_norm = ops.prepare_vector(weights.final_norm)
         self.lm_head = (
             ops.prepare_linear(weights.lm_head)
@@ -46,7 +60,13 @@ class LlamaModel:
         self.scale = d**-0.5
         # A backend may offer all layers of a decode-only step as one fused call (cpu does:
         # see kernels/cpu_layer.py); set False to run op by op, as the lessons do to compare.
-        self.fused_decode = hasattr(ops, "decoder_layers")
+        self.fused_decode = hasattr(ops, "decoder_layers") and not moe_layers
+
+    def make_moe(self, weights: Any, row: int) -> Any:
+        """An MoE layer's FFN (row: its row in expert_counts); expert parallelism builds one
+        that dispatches tokens to other ranks instead (parallel/ep_moe.py)."""
+        assert self.config.moe is not None
+        return MoEFeedForward(weights, self.config.moe, self.ops, self.expert_counts, row)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (T, D/2) of each token's rotation angles: position * theta^(-2i/D)."""
@@ -93,6 +113,9 @@ class LlamaModel:
             x = x + self._all_reduce(ops.linear(attn.reshape(t, -1), layer.wo))
             # ---- feed-forward block (SwiGLU): x + W_down · (silu(W_gate·h) * W_up·h)
             h = ops.rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
+            if layer.moe is not None:  # routed experts (model/moe.py): x + sum_j w_j · E_j(h)
+                x = x + layer.moe(h)
+                continue
             gate_up = ops.silu_mul(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up))
             x = x + self._all_reduce(ops.linear(gate_up, layer.w_down))
         return x

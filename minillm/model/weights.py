@@ -3,6 +3,8 @@
 GGUF files name tensors ``blk.N.attn_q.weight`` and permute Q/K rows for llama.cpp's
 interleaved RoPE; HF folders name them ``model.layers.N.self_attn.q_proj.weight``. Both end up
 in ``ModelWeights`` in the HF row order, so one forward pass (rotate-half RoPE) serves both.
+A mixture-of-experts layer (HF Mixtral / Qwen2-MoE folders) holds ``MoEWeights`` instead of
+the three dense FFN matrices.
 """
 
 from __future__ import annotations
@@ -20,6 +22,32 @@ from minillm.formats.int8_rows import fold_int8_rows
 
 
 @dataclass
+class ExpertWeights:
+    """One SwiGLU feed-forward: a routed expert, or Qwen2-MoE's shared expert."""
+
+    w_gate: QuantTensor  # (f, d)
+    w_up: QuantTensor  # (f, d)
+    w_down: QuantTensor  # (d, f)
+
+
+@dataclass
+class MoEWeights:
+    """A routed feed-forward. `experts` maps expert id -> weights: the whole model holds every
+    id; an expert-parallel rank holds only its own (parallel/ep_moe.py)."""
+
+    router: QuantTensor  # (E, d): one score per expert
+    experts: dict[int, ExpertWeights]
+    shared: ExpertWeights | None = None
+    shared_gate: QuantTensor | None = None  # (1, d)
+
+    def tensors(self) -> list[QuantTensor]:
+        out = [self.router] + [t for e in self.experts.values() for t in vars(e).values()]
+        if self.shared is not None:
+            out += list(vars(self.shared).values())
+        return out + ([self.shared_gate] if self.shared_gate is not None else [])
+
+
+@dataclass
 class LayerWeights:
     attn_norm: QuantTensor
     wq: QuantTensor
@@ -27,12 +55,13 @@ class LayerWeights:
     wv: QuantTensor
     wo: QuantTensor
     ffn_norm: QuantTensor
-    w_gate: QuantTensor
-    w_up: QuantTensor
-    w_down: QuantTensor
+    w_gate: QuantTensor | None  # the dense FFN; None in an MoE layer
+    w_up: QuantTensor | None
+    w_down: QuantTensor | None
     bq: QuantTensor | None = None
     bk: QuantTensor | None = None
     bv: QuantTensor | None = None
+    moe: MoEWeights | None = None  # the routed FFN of an MoE layer
 
 
 @dataclass
@@ -45,7 +74,8 @@ class ModelWeights:
     def all_tensors(self) -> list[QuantTensor]:
         out = [self.embed, self.final_norm] + ([self.lm_head] if self.lm_head is not None else [])
         for layer in self.layers:
-            out += [t for t in vars(layer).values() if t is not None]
+            out += [t for t in vars(layer).values() if isinstance(t, QuantTensor)]
+            out += layer.moe.tensors() if layer.moe is not None else []
         return out
 
     @property
@@ -140,10 +170,38 @@ def load_hf_weights(folder: Path, config: ModelConfig) -> ModelWeights:
             raise ValueError(f"{folder}: tensor {name!r} is missing from the safetensors files")
         return t[name]
 
+    def swiglu(prefix: str, gate: str, up: str, down: str) -> ExpertWeights:
+        return ExpertWeights(get(prefix + gate), get(prefix + up), get(prefix + down))
+
+    def routed(p: str) -> MoEWeights:
+        moe = config.moe
+        assert moe is not None
+        if config.arch == "mixtral":  # w1 = gate, w3 = up, w2 = down
+            b = p + "block_sparse_moe."
+            return MoEWeights(
+                router=get(b + "gate.weight"),
+                experts={
+                    e: swiglu(f"{b}experts.{e}.", "w1.weight", "w3.weight", "w2.weight")
+                    for e in range(moe.num_experts)
+                },
+            )
+        m, names = p + "mlp.", ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        shared = moe.shared_expert_intermediate_size > 0
+        return MoEWeights(
+            router=get(m + "gate.weight"),
+            experts={e: swiglu(f"{m}experts.{e}.", *names) for e in range(moe.num_experts)},
+            shared=swiglu(m + "shared_expert.", *names) if shared else None,
+            shared_gate=get(m + "shared_expert_gate.weight") if shared else None,
+        )
+
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
+        sparse = config.moe is not None and config.moe.is_moe_layer(i)
+        dense = (
+            None if sparse else swiglu(m, "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        )
         layers.append(
             LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
@@ -152,12 +210,13 @@ def load_hf_weights(folder: Path, config: ModelConfig) -> ModelWeights:
                 wv=get(a + "v_proj.weight"),
                 wo=get(a + "o_proj.weight"),
                 ffn_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate=get(m + "gate_proj.weight"),
-                w_up=get(m + "up_proj.weight"),
-                w_down=get(m + "down_proj.weight"),
+                w_gate=None if dense is None else dense.w_gate,
+                w_up=None if dense is None else dense.w_up,
+                w_down=None if dense is None else dense.w_down,
                 bq=t.get(a + "q_proj.bias"),
                 bk=t.get(a + "k_proj.bias"),
                 bv=t.get(a + "v_proj.bias"),
+                moe=routed(p) if sparse else None,
             )
         )
     lm_head = None if config.tie_word_embeddings else get("lm_head.weight")
