@@ -11,6 +11,8 @@ loop goes on serving the next ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import queue
 import threading
@@ -21,6 +23,7 @@ from typing import Any
 
 from minillm.engine.llm_engine import LLMEngine
 from minillm.engine.outputs import RequestOutput
+from minillm.engine.prefilled import PrefilledPrompt
 from minillm.sampling import SamplingParams
 
 
@@ -72,11 +75,49 @@ class AsyncLLMEngine:
 
         Leaving the loop early (a client that disconnects) aborts the request, which frees
         its KV blocks."""
-        self.start()
         rid = request_id or f"req-{next(self._ids)}"
+        add = ("add", (rid, prompt, params or SamplingParams(), time.perf_counter()))
+        async with contextlib.aclosing(self._request(rid, add)) as items:
+            async for item in items:
+                yield item
+
+    async def generate_prefilled(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prefilled: PrefilledPrompt,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Like `generate`, for a prompt whose K/V and first token a prefill server computed
+        (LLMEngine.add_prefilled_request): the first output carries that token."""
+        rid = request_id or f"req-{next(self._ids)}"
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        add = ("add_prefilled", (rid, prompt_ids, params, prefilled, arrival))
+        async with contextlib.aclosing(self._request(rid, add)) as items:
+            async for item in items:
+                yield item
+
+    async def prefill(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> PrefilledPrompt:
+        """Compute a prompt and its first token for a decode server
+        (LLMEngine.add_prefill_request); returns the token and the prompt's K/V."""
+        rid = request_id or f"req-{next(self._ids)}"
+        async with contextlib.aclosing(
+            self._request(rid, ("prefill", (rid, prompt_ids, params)))
+        ) as items:
+            async for item in items:
+                if isinstance(item, PrefilledPrompt):
+                    return item
+        raise RuntimeError(f"the engine ended prefill request {rid!r} without its K/V")
+
+    async def _request(self, rid: str, command: tuple[str, Any]) -> AsyncIterator[Any]:
+        """Send one request's command to the engine thread and yield what it delivers."""
+        self.start()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[rid] = stream
-        self._commands.put(("add", (rid, prompt, params or SamplingParams(), time.perf_counter())))
+        self._commands.put(command)
         finished = False
         try:
             while True:
@@ -88,7 +129,7 @@ class AsyncLLMEngine:
                     finished = True
                     raise item
                 yield item
-                if item.finished:
+                if isinstance(item, RequestOutput) and item.finished:
                     finished = True
                     return
         finally:
@@ -150,7 +191,7 @@ class AsyncLLMEngine:
                 kind, arg = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if kind == "add":
+            if kind in ("add", "add_prefilled", "prefill"):
                 self._deliver(arg[0], stopped)
             elif kind == "call":
                 _fn, loop, done = arg
@@ -168,6 +209,20 @@ class AsyncLLMEngine:
             try:
                 self.engine.add_request(rid, prompt, params, arrival_time=arrival)
             except Exception as e:  # bad input: this request fails, nobody else notices
+                self._deliver(rid, e)
+        elif kind in ("add_prefilled", "prefill"):
+            rid = arg[0]
+            if rid not in self._streams:
+                return
+            try:
+                if kind == "prefill":
+                    _, ids, params = arg
+                    sink = functools.partial(self._deliver, rid)  # called inside a step
+                    self.engine.add_prefill_request(rid, ids, params, sink)
+                else:
+                    _, ids, params, prefilled, arrival = arg
+                    self.engine.add_prefilled_request(rid, ids, params, prefilled, arrival)
+            except Exception as e:  # noqa: BLE001 - this request fails, nobody else notices
                 self._deliver(rid, e)
         elif kind == "abort":
             out = self.engine.abort_request(arg)

@@ -9,12 +9,20 @@ text and outputs. Each job has one home; this file only wires them together.
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from minillm.engine.output_processor import EngineStats, OutputProcessor, RequestState
 from minillm.engine.outputs import RequestOutput
+from minillm.engine.prefilled import (
+    PrefilledPrompt,
+    check_prefilled,
+    prefill_params,
+    restored_generator,
+)
 from minillm.engine.runner import ModelRunner
 from minillm.engine.scheduler import SampledToken, ScheduledBatch, Scheduler, SchedulerConfig
 from minillm.engine.sequence import Sequence
@@ -101,6 +109,11 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer, self.scheduler.finish, self.stats)
         self.last_scheduled: ScheduledBatch | None = None
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+        # prefill/decode disaggregation (engine/prefilled.py): requests whose K/V leave this
+        # engine once their first token is sampled, and prompts computed elsewhere waiting
+        # for blocks here
+        self._prefill_sinks: dict[str, Callable[[PrefilledPrompt], None]] = {}
+        self._prefilled: deque[tuple[Sequence, PrefilledPrompt]] = deque()
 
     # ------------------------------------------------------------------ requests
     @property
@@ -169,8 +182,102 @@ class LLMEngine:
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         self.output_processor.add_request(request_id, text, seq, arrival)
 
+    def add_prefill_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_prefilled: Callable[[PrefilledPrompt], None],
+    ) -> None:
+        """The prefill side of a disaggregated pair: compute the prompt (batched, chunked and
+        prefix-cached like any request), sample its first token, and call `on_prefilled` on
+        this thread, inside the step, while the prompt's blocks are still held. The request
+        then ends; its full blocks stay in the prefix cache for later prompts."""
+        self.add_request(request_id, prompt_ids, prefill_params(params))
+        self._prefill_sinks[request_id] = on_prefilled
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prefilled: PrefilledPrompt,
+        arrival_time: float | None = None,
+    ) -> None:
+        """The decode side: a request whose prompt K/V and first token come from a prefill
+        server. It waits until blocks are free, its K/V is written into them through the
+        backend, and it decodes on from its first token as if this engine had prefilled it."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.n != 1:
+            raise ValueError(f"a prefilled request must have n=1, got n={params.n}")
+        ids = [int(t) for t in prompt_ids]
+        self.check_prompt(ids)
+        mc = self.model.config
+        check_prefilled(prefilled, (2, mc.num_layers, len(ids), mc.num_kv_heads, mc.head_dim))
+        seq = Sequence(
+            request_id,
+            ids,
+            len(ids),
+            params,
+            restored_generator(params, prefilled.generator_state),
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+        )
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        self.output_processor.add_request(request_id, None, seq, arrival)
+        self._prefilled.append((seq, prefilled))
+
+    def _admit_prefilled(self) -> list[Sequence]:
+        """Give waiting prefilled prompts their blocks, write their K/V, append their first
+        token; returns the sequences admitted (in arrival order, while room lasts)."""
+        admitted: list[Sequence] = []
+        bs = self.block_manager.block_size
+        while self._prefilled:
+            seq, pre = self._prefilled[0]
+            if seq.is_finished:  # aborted while it waited
+                self._prefilled.popleft()
+                continue
+            if not self.scheduler.admit_computed(seq):
+                break
+            self._prefilled.popleft()
+            start, end = seq.num_computed_tokens, seq.num_tokens  # prefix hits are not rewritten
+            slots = [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            self.kv_cache.write_slots(slots, pre.kv[:, :, start:end])
+            seq.num_computed_tokens = end
+            seq.num_cached_tokens = pre.num_cached_tokens
+            self.block_manager.cache_full_blocks(seq)
+            seq.append_token(pre.token_id, pre.logprob, pre.top_logprobs)
+            status = seq.token_stop()
+            if status is not None:
+                self.scheduler.finish(seq, status)
+            admitted.append(seq)
+        return admitted
+
+    def _export_prefilled(self, sampled: list[SampledToken]) -> None:
+        """Hand each finished prefill's first token and prompt K/V to its sink."""
+        bs = self.block_manager.block_size
+        for s in sampled:
+            sink = self._prefill_sinks.pop(s.seq.request_id, None)
+            if sink is None:
+                continue
+            seq = s.seq
+            slots = [seq.block_table[p // bs] * bs + p % bs for p in range(seq.num_prompt_tokens)]
+            gen = s.generator if s.generator is not None else seq.generator
+            sink(
+                PrefilledPrompt(
+                    s.token_id,
+                    s.logprob,
+                    s.top_logprobs,
+                    None if gen is None else gen.get_state(),
+                    seq.num_cached_tokens,
+                    self.kv_cache.read_slots(slots),
+                )
+            )
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks at once; returns its final (aborted) output."""
+        self._prefill_sinks.pop(request_id, None)
         return self.output_processor.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -182,7 +289,7 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self._prefilled)
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Mean-pooled, L2-normalised final hidden states of each input (model.pooling).
@@ -200,6 +307,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Schedule, run, post-process; returns the outputs of the requests it advanced."""
+        first = self.output_processor.process(self._admit_prefilled()) if self._prefilled else []
         batch = self.scheduler.schedule()
         self.last_scheduled = batch  # for teaching views (scheduler timeline) and tests
         if not batch.seqs:
@@ -208,11 +316,13 @@ class LLMEngine:
                     "the scheduler cannot admit the next waiting request even "
                     "with an empty batch; this is a bug, please report it"
                 )
-            return []
+            return first
         logits, to_sample = self.runner.execute(batch)
         sampled = self._sample(logits, to_sample)
+        if self._prefill_sinks:
+            self._export_prefilled(sampled)
         updated = self.scheduler.update_from_output(batch, sampled)
-        return self.output_processor.process(updated)
+        return first + self.output_processor.process(updated)
 
     def _sample(self, logits: torch.Tensor, to_sample: list[Sequence]) -> list[SampledToken]:
         """One token per sequence from its logits row; a request with n > 1 draws n tokens from

@@ -151,6 +151,26 @@ class Scheduler:
             budget -= n
         return out
 
+    def admit_computed(self, seq: Sequence) -> bool:
+        """Admit a sequence whose prompt K/V were computed elsewhere (a prefill server): take
+        blocks for the whole prompt now, prefix hits reused, and run it from its next token.
+
+        The caller writes the K/V from `seq.num_computed_tokens` (the prefix hits) onwards and
+        then marks the prompt computed. False: no room yet (or preempted sequences wait first);
+        nothing was taken."""
+        bm = self.block_manager
+        if self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        cached = bm.find_cached_blocks(seq)
+        n = seq.num_tokens - len(cached) * bm.block_size
+        if not bm.can_allocate(seq, cached, n):
+            return False
+        bm.allocate(seq, cached, n)
+        seq.first_scheduled_time = time.perf_counter()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return True
+
     # ------------------------------------------------------------------ after the step
     def update_from_output(
         self, batch: ScheduledBatch, sampled: list[SampledToken]

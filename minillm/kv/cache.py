@@ -52,6 +52,19 @@ def copy_host_kv_blocks(caches: list[torch.Tensor], src: list[int], dst: list[in
         t[d] = t[s]
 
 
+def read_host_kv_slots(caches: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+    """The K/V of token slots `slots` from every cache array: (len(caches), n, KvH, D)."""
+    return torch.stack([t.view(-1, *t.shape[2:])[slots] for t in caches])
+
+
+def write_host_kv_slots(
+    caches: list[torch.Tensor], slots: torch.Tensor, data: torch.Tensor
+) -> None:
+    """Write data[i] (n, KvH, D) into token slots `slots` of caches[i] (host tensors)."""
+    for t, d in zip(caches, data, strict=True):
+        t.view(-1, *t.shape[2:])[slots] = d
+
+
 class KVCache:
     """K and V arrays for every layer. `ops`: the backend that allocates and copies them
     (None: host tensors, which every backend can read)."""
@@ -70,6 +83,8 @@ class KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         allocate = getattr(ops, "allocate_kv_cache", host_kv_cache)
         self._copy = getattr(ops, "copy_kv_blocks", copy_host_kv_blocks)
+        self._read = getattr(ops, "read_kv_slots", read_host_kv_slots)
+        self._write = getattr(ops, "write_kv_slots", write_host_kv_slots)
         self.k = [allocate(shape) for _ in range(num_layers)]
         self.v = [allocate(shape) for _ in range(num_layers)]
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
@@ -89,3 +104,15 @@ class KVCache:
         """Copy-on-write: duplicate src blocks into dst blocks in every layer."""
         if pairs:
             self._copy(self.k + self.v, [s for s, _ in pairs], [d for _, d in pairs])
+
+    def read_slots(self, slots: list[int]) -> torch.Tensor:
+        """K and V of the given token slots in every layer, as a host float32 tensor
+        (2, num_layers, len(slots), KvH, D): what a prefill server sends (engine/prefilled.py)."""
+        data = self._read(self.k + self.v, torch.tensor(slots, dtype=torch.long))
+        return data.view(2, self.num_layers, *data.shape[1:])
+
+    def write_slots(self, slots: list[int], data: torch.Tensor) -> None:
+        """Write K/V shaped like read_slots' result into the given token slots (through the
+        backend, so a device cache is written where its kernels read it)."""
+        flat = data.reshape(2 * self.num_layers, *data.shape[2:])
+        self._write(self.k + self.v, torch.tensor(slots, dtype=torch.long), flat)
