@@ -58,6 +58,8 @@ class SeqLayout:
             raise ValueError(f"world_size must be an integer >= 1, got {self.world_size!r}")
         if self.kind not in LAYOUTS:
             raise ValueError(f"unknown layout {self.kind!r}: use one of {', '.join(LAYOUTS)}")
+        if self.length < 1:
+            raise ValueError("the sequence is empty: there is nothing to split over ranks")
         if self.length < self.world_size:
             raise ValueError(
                 f"a {self.length}-token sequence cannot be split over {self.world_size} "
@@ -147,7 +149,7 @@ def merge_partials(
     return merged, new
 
 
-def _attend_pieces(
+def attend_pieces(
     q: torch.Tensor,
     q_segments: list[tuple[int, int]],
     kv: torch.Tensor,
@@ -215,7 +217,7 @@ def ring_attention(
             traffic.record("cp_ring", kv.numel() * kv.element_size())
             stats.messages += 1
         t0 = time.perf_counter()
-        _attend_pieces(q, layout.segments(rank), kv, layout.segments(src), scale, out, lse, stats)
+        attend_pieces(q, layout.segments(rank), kv, layout.segments(src), scale, out, lse, stats)
         t1 = time.perf_counter()
         for req in reqs:
             req.wait()
