@@ -651,6 +651,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from minillm.compress.cli_quantize import register as register_quantize
 
     register_quantize(sub)
+    from minillm.gateway.cli import register as register_gateway
+
+    register_gateway(sub)
     return parser, dict(sub.choices)
 
 
