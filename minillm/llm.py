@@ -37,20 +37,33 @@ class LLM:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        num_micro_batches: int | None = None,
     ) -> None:
-        """tensor_parallel_size > 1: split the model over that many processes (Megatron-style
-        tensor parallelism, minillm/parallel/); kv_cache_memory is then per rank. Such an LLM
-        holds worker processes: close() it (or use `with LLM(...) as llm:`) when done."""
-        tp = tensor_parallel_size
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        """tensor_parallel_size x pipeline_parallel_size > 1: split the model over that many
+        processes (minillm/parallel/): Megatron-style tensor parallelism within a stage,
+        contiguous layer stages across them; num_micro_batches: how many pieces a pipelined
+        step's batch is cut into (default: one per stage). kv_cache_memory is then per rank.
+        Such an LLM holds worker processes: close() it (or use `with LLM(...) as llm:`)."""
+        for name, size in (
+            ("tensor_parallel_size", tensor_parallel_size),
+            ("pipeline_parallel_size", pipeline_parallel_size),
+        ):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         self._close = lambda: None
-        if tp == 1:  # the single-process engine; nothing distributed is imported
+        self.executor = None  # minillm.parallel.executor.ParallelExecutor when distributed
+        if tensor_parallel_size * pipeline_parallel_size == 1:  # nothing distributed imported
             self.loaded = load_model(model, backend)
         else:
-            from minillm.parallel.executor import start_tensor_parallel
+            from minillm.parallel.config import ParallelConfig
+            from minillm.parallel.executor import start_parallel
 
-            self.loaded, executor = start_tensor_parallel(model, backend, tp)
+            parallel = ParallelConfig(
+                tensor_parallel_size, pipeline_parallel_size, num_micro_batches
+            )
+            self.loaded, executor = start_parallel(model, backend, parallel)
+            self.executor = executor
             # workers stop on close(), on garbage collection, or at interpreter exit
             self._close = weakref.finalize(self, executor.shutdown)
         try:
@@ -68,15 +81,15 @@ class LLM:
                     enable_chunked_prefill=enable_chunked_prefill,
                 ),
             )
-            if tp > 1:
-                executor.attach(self.engine)
+            if self.executor is not None:
+                self.executor.attach(self.engine)
         except BaseException:
             self._close()
             raise
         self._ids = itertools.count()
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (idempotent; a no-op for one process)."""
+        """Stop the parallel workers, if any (idempotent; a no-op for one process)."""
         self._close()
 
     def __enter__(self) -> LLM:

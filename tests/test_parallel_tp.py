@@ -147,8 +147,8 @@ def test_llm_refuses_a_bad_size_before_starting_any_worker(models: dict[str, Pat
     before = _spawned_children()
     with pytest.raises(ValueError, match=r"tensor_parallel_size=4 .*one of: 1, 2, 3, 6$"):
         LLM(str(models["llama"]), backend="ref", tensor_parallel_size=4)
-    with pytest.raises(ValueError, match="'ref' backend"):
-        LLM(str(models["llama"]), backend="cpu", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=3 exceeds .* 2 layers"):
+        LLM(str(models["llama"]), backend="cpu", pipeline_parallel_size=3)
     with pytest.raises(ValueError, match="positive integer"):
         LLM(str(models["llama"]), backend="ref", tensor_parallel_size=0)
     assert _spawned_children() == before

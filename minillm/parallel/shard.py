@@ -7,11 +7,17 @@ Shapes: d model dim, H/KvH heads, D head dim, f FFN dim, V vocabulary, N ranks, 
   slices keep each query head with the KV head it reads (GQA groups never straddle ranks).
   Rows are independent, so quantized blocks are selected as they are (QuantTensor.take_rows).
 - row parallel (split the *input* columns): wo and w_down. Each rank's product is a partial
-  sum of the full one; tp_model.py all-reduces it. A column slice cuts through quantized
-  blocks, so these shards are dequantized to F32 here (exact for the ref backend, which
-  computes in fp32 anyway).
+  sum of the full one; tp_model.py all-reduces it. A row of a quantized matrix is a run of
+  blocks (32 weights for Q8_0/Q4_0/Q4_1/Q5_0, 256 for Q4_K/Q6_K), so when each rank's slice
+  starts and ends on a block boundary the slice is a byte slice of every row and the shard
+  stays quantized (the cpu backend computes on the very same blocks as one process). When it
+  does not (SmolLM2's wo has 576 inputs: 192 per rank at tp=3, not a multiple of Q4_K's 256),
+  that one matrix is dequantized to F32: a block cannot be cut without re-quantizing it, which
+  would change the numbers; F32 keeps them exact at 4 bytes per weight (`split_reason` says
+  which matrices and why).
 - vocabulary parallel: the lm_head (or the tied embedding) is cut into N equal row slices of
-  ceil(V/N) rows, the last padded with zero rows; the gathered logits are trimmed back to V.
+  ceil(V/N) rows, the last padded with zero rows (all-zero blocks decode to 0 in every
+  format, so the shard stays quantized); the gathered logits are trimmed back to V.
 - replicated: norms and the embedding table (a vocabulary-parallel embedding would need one
   more all-reduce; left for later).
 """
@@ -23,7 +29,7 @@ import dataclasses
 import numpy as np
 
 from minillm.config import ModelConfig
-from minillm.formats.blocks import QuantTensor
+from minillm.formats.blocks import BLOCK_LAYOUT, QuantTensor
 from minillm.model.weights import LayerWeights, ModelWeights
 from minillm.parallel.sizes import check_tp_size
 
@@ -54,10 +60,29 @@ def rows(w: QuantTensor, rank: int, world_size: int) -> QuantTensor:
     return w.take_rows(np.arange(lo, hi))
 
 
+def column_split_reason(w: QuantTensor, world_size: int) -> str | None:
+    """None when w's input columns split over world_size ranks on block boundaries; else why
+    that matrix is dequantized to F32 instead (see the module docstring)."""
+    per_block = BLOCK_LAYOUT[w.format][0]
+    n = w.shape[-1]
+    if n % world_size == 0 and (n // world_size) % per_block == 0:
+        return None
+    return (
+        f"{n} input columns over {world_size} ranks is {n / world_size:g} per rank, not a "
+        f"multiple of {w.format}'s block of {per_block} weights"
+    )
+
+
 def columns(w: QuantTensor, rank: int, world_size: int) -> QuantTensor:
-    """Row parallel: rank's slice of the input columns, as F32 (see the module docstring)."""
+    """Row parallel: rank's slice of the input columns, in w's own format when the slice is
+    whole blocks, else as F32 (see column_split_reason)."""
     n = w.shape[-1]
     lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    if column_split_reason(w, world_size) is None:
+        per_block, block_bytes = BLOCK_LAYOUT[w.format]
+        b0, b1 = lo // per_block * block_bytes, hi // per_block * block_bytes
+        data = np.ascontiguousarray(w.data[:, b0:b1])
+        return QuantTensor(w.format, data, (*w.shape[:-1], hi - lo))
     return _f32(w.dequantize().reshape(w.shape)[:, lo:hi])
 
 
@@ -66,9 +91,9 @@ def vocab_rows(w: QuantTensor, rank: int, world_size: int) -> QuantTensor:
     vocab = w.shape[0]
     per = -(-vocab // world_size)
     lo, hi = min(rank * per, vocab), min((rank + 1) * per, vocab)
-    out = np.zeros((per, w.shape[-1]), dtype=np.float32)
-    out[: hi - lo] = w.take_rows(np.arange(lo, hi)).dequantize().reshape(hi - lo, -1)
-    return _f32(out)
+    data = np.zeros((per, w.data.shape[1]), dtype=np.uint8)  # zero blocks decode to 0
+    data[: hi - lo] = w.data[lo:hi]
+    return QuantTensor(w.format, data, (per, w.shape[-1]))
 
 
 def shard_layer(lw: LayerWeights, rank: int, world_size: int) -> LayerWeights:
@@ -91,17 +116,35 @@ def shard_layer(lw: LayerWeights, rank: int, world_size: int) -> LayerWeights:
     )
 
 
+def split_reasons(weights: ModelWeights, world_size: int) -> dict[str, str]:
+    """{tensor kind: why it is dequantized to F32} for the row-parallel matrices whose input
+    columns do not split on block boundaries (empty when every shard stays quantized)."""
+    out: dict[str, str] = {}
+    for lw in weights.layers[:1]:  # every layer has the same shapes and formats
+        for name in ("wo", "w_down"):
+            why = column_split_reason(getattr(lw, name), world_size)
+            if why is not None and world_size > 1:
+                out[name] = why
+    return out
+
+
 def shard_weights(
-    weights: ModelWeights, config: ModelConfig, rank: int, world_size: int
+    weights: ModelWeights,
+    config: ModelConfig,
+    rank: int,
+    world_size: int,
+    layers: range | None = None,
 ) -> ModelWeights:
-    """Rank's shards of every weight. The lm_head shard is always explicit (tied or not)."""
+    """Rank's shards of every weight (of `layers` only, for a pipeline stage). The lm_head
+    shard is always explicit (tied or not)."""
     check_tp_size(config, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    keep = range(len(weights.layers)) if layers is None else layers
     head = weights.lm_head if weights.lm_head is not None else weights.embed
     return ModelWeights(
         embed=weights.embed,
-        layers=[shard_layer(lw, rank, world_size) for lw in weights.layers],
+        layers=[shard_layer(weights.layers[i], rank, world_size) for i in keep],
         final_norm=weights.final_norm,
         lm_head=vocab_rows(head, rank, world_size),
     )

@@ -39,3 +39,29 @@ def check_tp_size(config: ModelConfig, tensor_parallel_size: int) -> None:
             f"each rank needs whole heads, whole KV heads and an equal FFN slice, so use "
             f"one of: {sizes}"
         )
+
+
+def valid_pp_sizes(config: ModelConfig) -> list[int]:
+    """Every pipeline_parallel_size this model allows: each stage needs at least one layer."""
+    return list(range(1, config.num_layers + 1))
+
+
+def check_pp_size(config: ModelConfig, pipeline_parallel_size: int) -> None:
+    """Raise ValueError when there are more stages than layers."""
+    pp = pipeline_parallel_size
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise ValueError(f"pipeline_parallel_size must be a positive integer, got {pp!r}")
+    if pp > config.num_layers:
+        raise ValueError(
+            f"pipeline_parallel_size={pp} exceeds this model's {config.num_layers} layers; "
+            f"every stage needs at least one layer, so use 1 to {config.num_layers}"
+        )
+
+
+def stage_layers(num_layers: int, pipeline_parallel_size: int, stage: int) -> range:
+    """The contiguous global layer indices stage `stage` runs; earlier stages get the extra
+    layers when they do not divide (stage 0 also embeds, the last one also projects to the
+    vocabulary, so neither end is made the longest on purpose)."""
+    base, extra = divmod(num_layers, pipeline_parallel_size)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))

@@ -1,19 +1,28 @@
-"""The Llama forward pass on one tensor-parallel shard: the same code, two collectives more.
+"""The Llama forward pass on one rank's part of the model: the same code, a few hooks more.
 
-Each rank runs LlamaModel's layers on its own heads and FFN slice (shard.py). Two places need
-the other ranks:
+A rank holds one tensor-parallel shard (shard.py) of one pipeline stage's layers
+(sizes.stage_layers). LlamaModel's forward runs unchanged; the hooks add what the split needs:
 
-- after the row-parallel o and down projections, every rank holds a partial sum of the full
-  (T, d) output; one all-reduce makes it whole on every rank, so the residual stream (and the
-  norms, which need whole rows) stay replicated;
-- the vocabulary-parallel lm_head gives each rank (S, ceil(V/N)) logits; rank 0 gathers them
-  (only rank 0 samples) and trims the padding.
+- `_all_reduce` (TP): after the row-parallel o and down projections every rank of the stage
+  holds a partial sum of the full (T, d) output; one all-reduce over the stage's TP group makes
+  it whole, so the residual stream (and the norms, which need whole rows) stay replicated;
+- `_embed` (PP): a stage after the first starts from the activations the previous stage sent
+  (`incoming`, set by pipeline.py) instead of the embedding table, which it does not hold;
+- `_logits`: a stage before the last returns its (T, d) activations for the next stage; the
+  last stage's vocabulary-parallel lm_head gives each TP rank (S, ceil(V/N)) logits, which the
+  stage's TP rank 0 gathers and trims to (S, V).
+
+Only the first stage keeps the embedding and only the last the final norm and lm_head: the
+others are built with a one-row placeholder table that is dropped right away.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -22,24 +31,49 @@ from minillm.model.batch import ForwardBatch
 from minillm.model.llama import LlamaModel
 from minillm.model.weights import ModelWeights
 from minillm.parallel import traffic
+from minillm.parallel.config import ParallelConfig
 from minillm.parallel.shard import local_config, shard_weights
+from minillm.parallel.sizes import check_pp_size, stage_layers
 
 
 class ShardedLlamaModel(LlamaModel):
-    """`config` is the shard's (local_config); `full_config` the whole model's."""
+    """`config` is this rank's (its heads, FFN slice and stage's layers); `full_config` the
+    whole model's. `tp_group`: the stage's TP process group (None: the default group, when
+    there is one stage); `tp_leader`: the global rank of the stage's TP rank 0."""
 
     def __init__(
         self,
         full_config: ModelConfig,
-        shard: ModelWeights,
+        weights: ModelWeights,
         ops: ModuleType,
         rank: int,
-        world_size: int,
+        parallel: ParallelConfig,
     ) -> None:
-        super().__init__(local_config(full_config, world_size), shard, ops)
+        tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+        check_pp_size(full_config, pp)
+        self.parallel, self.rank = parallel, rank
+        self.tp_rank, self.stage = parallel.tp_rank(rank), parallel.pp_rank(rank)
+        self.layer_ids = stage_layers(full_config.num_layers, pp, self.stage)  # global indices
+        self.is_first, self.is_last = self.stage == 0, self.stage == pp - 1
+        shard = shard_weights(weights, full_config, self.tp_rank, tp, self.layer_ids)
+        placeholder = weights.embed.take_rows(np.arange(1))
+        shard.embed = weights.embed if self.is_first else placeholder
+        if not self.is_last:
+            shard.lm_head = placeholder
+        cfg = local_config(full_config, tp)
+        cfg = dataclasses.replace(cfg, num_layers=len(self.layer_ids))
+        super().__init__(cfg, shard, ops)
         self.full_config, self.shard = full_config, shard
-        self.rank, self.world_size = rank, world_size
-        self.fused_decode = False  # a fused backend call would skip the all-reduce hook
+        if not self.is_first:
+            self.embed = None
+        if not self.is_last:
+            self.lm_head = self.final_norm = None
+        self.world_size = tp  # the TP degree (what the all-reduce and the gather span)
+        # a fused backend call would skip the all-reduce hook; PP alone can keep it
+        self.fused_decode = self.fused_decode and tp == 1
+        self.tp_group: Any = None
+        self.tp_leader = parallel.rank_of(self.stage, 0)
+        self.incoming: torch.Tensor | None = None
 
     @classmethod
     def from_full(
@@ -48,32 +82,51 @@ class ShardedLlamaModel(LlamaModel):
         weights: ModelWeights,
         ops: ModuleType,
         rank: int,
-        world_size: int,
+        world_size: int | None = None,
+        parallel: ParallelConfig | None = None,
     ) -> ShardedLlamaModel:
-        """Cut rank's shards out of the full weights and build the model on them."""
-        return cls(config, shard_weights(weights, config, rank, world_size), ops, rank, world_size)
+        """Cut rank's part out of the full weights and build the model on it (world_size
+        alone: tensor parallelism over one stage)."""
+        parallel = parallel or ParallelConfig(tensor_parallel_size=world_size or 1)
+        return cls(config, weights, ops, rank, parallel)
+
+    def _embed(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.is_first:
+            return super()._embed(batch)
+        if self.incoming is None or self.incoming.shape[0] != batch.num_tokens:
+            raise RuntimeError("a later pipeline stage ran without the previous stage's output")
+        x, self.incoming = self.incoming, None
+        return x
 
     def _all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return y
         traffic.record("tp_all_reduce", y.numel() * y.element_size())
-        dist.all_reduce(y)  # sum of the ranks' partial products: the full projection
+        dist.all_reduce(y, group=self.tp_group)  # sum of the ranks' partial products
         return y
 
     def _logits(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """(S, V) on rank 0; the other ranks return their own (S, ceil(V/N)) slice."""
+        """Last stage: (S, V) on the stage's TP rank 0, each other TP rank its own
+        (S, ceil(V/N)) slice. Earlier stages: the (T, d) activations for the next one."""
+        if not self.is_last:
+            return x
         local = super()._logits(x, batch).contiguous()
         vocab = self.full_config.vocab_size
         if local.shape[0] == 0:  # every rank sees the same batch, so all skip the gather
             return local.new_empty((0, vocab))
+        if self.world_size == 1:
+            return local[:, :vocab]
         traffic.record("tp_gather", local.numel() * local.element_size())
-        if self.rank != 0:
-            dist.gather(local, None, dst=0)
+        if self.rank != self.tp_leader:
+            dist.gather(local, None, dst=self.tp_leader, group=self.tp_group)
             return local
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.gather(local, parts, dst=0)
+        dist.gather(local, parts, dst=self.tp_leader, group=self.tp_group)
         return torch.cat(parts, dim=1)[:, :vocab]
 
     def hidden_states(self, *args: object, **kwargs: object) -> torch.Tensor:
         raise NotImplementedError(
-            "embeddings are not supported with tensor_parallel_size > 1 yet (the workers "
-            "would have to join the forward pass); use tensor_parallel_size=1"
+            "embeddings are not supported with tensor_parallel_size or pipeline_parallel_size "
+            "> 1 (the workers would have to join a pass that is not a generation step); "
+            "serve embeddings from a single-process server"
         )
