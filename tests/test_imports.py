@@ -72,7 +72,18 @@ def test_cycle_finder_finds_a_lazy_cycle():
 
 @pytest.mark.parametrize(
     "folder",
-    ["compress", "kernels", "hub", "engine", "model", "kv", "serve", "formats", "parallel"],
+    [
+        "compress",
+        "kernels",
+        "hub",
+        "engine",
+        "model",
+        "kv",
+        "serve",
+        "formats",
+        "parallel",
+        "gateway",
+    ],
 )
 def test_imports_inside_a_folder_flow_one_way(folder):
     prefix = f"minillm.{folder}."
