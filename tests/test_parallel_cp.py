@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from minillm.estimate import ModelSpec
+from minillm.estimate_parallel import cp_bytes_per_prefill
 from minillm.loader import load_model
 from minillm.parallel.cp import (
     context_parallel_prefill,
@@ -233,6 +235,9 @@ def _check_against_one_process(path: Path, ids: list[int], world: int, kind: str
     want_bytes = expected_ring_bytes(got.layout, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     assert got.bytes_sent == want_bytes
     assert [r.traffic.get("cp_ring", 0) for r in got.reports] == want_bytes
+    # all ranks together: (N-1) x the prompt's K/V, the estimator's formula (fp32 here)
+    spec = ModelSpec.from_config(cfg)
+    assert sum(got.bytes_sent) == cp_bytes_per_prefill(spec, world, len(ids), 4)
     assert [r.tokens for r in got.reports] == [got.layout.size(r) for r in range(world)]
     return got
 

@@ -54,7 +54,11 @@ class SeqLayout:
     kind: str = "zigzag"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.world_size, int) or self.world_size < 1:
+        if (
+            isinstance(self.world_size, bool)
+            or not isinstance(self.world_size, int)
+            or self.world_size < 1
+        ):
             raise ValueError(f"world_size must be an integer >= 1, got {self.world_size!r}")
         if self.kind not in LAYOUTS:
             raise ValueError(f"unknown layout {self.kind!r}: use one of {', '.join(LAYOUTS)}")
