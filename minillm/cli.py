@@ -414,8 +414,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=max_body_bytes,
         allowed_origins=origins,
         template_timeout=args.template_timeout,
+        disaggregation_mode=args.disaggregation_mode,
+        prefill_url=args.prefill_url,
     )
     names = app.state.serving.names
+    if app.state.serving.prefill_client is not None:  # a PD decode server: pair up now
+        warning = app.state.serving.prefill_client.check_pair()
+        if warning:
+            print(f"warning: {warning}; requests get 503 until it answers", file=sys.stderr)
     eng = llm.engine
     print(
         f"loaded {args.model} ({llm.config.arch}, backend {llm.loaded.backend.name}) in "
@@ -612,6 +618,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         type=float,
         default=1.0,
         help="seconds a request's or Modelfile's template may take to render (default 1)",
+    )
+    p.add_argument(
+        "--disaggregation-mode",
+        choices=("null", "prefill", "decode"),
+        default="null",
+        help="prefill/decode disaggregation (SGLang's flag): prefill computes prompts for a "
+        "decode server, decode gets each prompt's KV from --prefill-url (default null: both)",
+    )
+    p.add_argument(
+        "--prefill-url",
+        default=None,
+        metavar="URL",
+        help="the prefill server of a --disaggregation-mode decode server, e.g. "
+        "http://10.0.0.2:8000 (both share one --api-key)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")

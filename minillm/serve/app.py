@@ -45,6 +45,7 @@ from minillm.serve.errors import install_error_handlers
 from minillm.serve.model_facts import public_model_name
 from minillm.serve.ollama_api import router as ollama_router
 from minillm.serve.openai_api import router as openai_router
+from minillm.serve.pd_setup import install_disaggregation
 
 
 def build_app(
@@ -58,6 +59,8 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
     template_timeout: float = RENDER_TIMEOUT,
+    disaggregation_mode: str = "null",
+    prefill_url: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `llm`. The engine thread starts and stops with the app's lifespan
     (so a TestClient used without `with` sees a 503 "not running").
@@ -67,6 +70,9 @@ def build_app(
     allowed_origins: web origins allowed besides loopback ones (see browser_guard.py; the
     MINILLM_ORIGINS environment variable adds more). template_timeout: seconds a user-supplied
     template (Ollama's `template`, a Modelfile's TEMPLATE) may take to render.
+    disaggregation_mode: "null" (one server does everything), "prefill" (also answer a decode
+    server's /internal/pd/* requests) or "decode" (compute every prompt on the prefill server
+    at `prefill_url`); see pd_setup.py.
     """
     aliases: list[str] = []
     if served_model_name is None:  # the model as loaded; a path is shown by its last part
@@ -96,6 +102,8 @@ def build_app(
             yield
         finally:
             serving.shutdown()
+            if serving.prefill_client is not None:
+                serving.prefill_client.close()
             gc.unfreeze()
 
     app = FastAPI(title="minillm", version=minillm.__version__, lifespan=lifespan)
@@ -103,6 +111,7 @@ def build_app(
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    install_disaggregation(app, serving, disaggregation_mode, prefill_url, api_key)
 
     @app.get("/health")
     async def health() -> Response:

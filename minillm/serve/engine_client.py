@@ -18,7 +18,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -34,6 +34,9 @@ from minillm.serve.admission import Admission
 from minillm.serve.errors import APIError, bad_request
 from minillm.serve.metrics import ServerMetrics
 from minillm.serve.model_facts import ModelFacts
+
+if TYPE_CHECKING:
+    from minillm.serve.pd_decode import PrefillClient
 
 DISCONNECT_POLL_SECONDS = 0.25
 DEFAULT_MAX_N = 16
@@ -79,6 +82,8 @@ class ServingEngine:
         self.templates = TemplateSandbox(timeout=template_timeout)
         self._template_threads = ThreadPoolExecutor(8, thread_name_prefix="minillm-template")
         self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
+        # a decode server of a PD pair computes prompts on its prefill server (pd_decode.py)
+        self.prefill_client: PrefillClient | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -133,6 +138,12 @@ class ServingEngine:
             raise bad_request(
                 f"n={n} is too large: this server returns at most {self.max_n} completions "
                 "per prompt (minillm serve --max-n)",
+                "n",
+            )
+        if isinstance(n, int) and n > 1 and self.prefill_client is not None:
+            raise bad_request(
+                f"n={n}: a disaggregated decode server returns one completion per prompt "
+                "(n=1); send n requests, or use a colocated server",
                 "n",
             )
 
@@ -269,6 +280,8 @@ class ServingEngine:
             return await self.async_engine.embed(inputs)
         except PromptError as e:
             raise bad_request(str(e), e.field) from e
+        except NotImplementedError as e:  # e.g. a model split over processes (parallel/)
+            raise APIError(501, str(e)) from e
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -280,7 +293,11 @@ class ServingEngine:
         engine timed them (RequestMetrics.token_times), whatever the output kind. Closing this
         generator early (a client that left) aborts the request."""
         seen = 1  # token_times[0] opens the first gap
-        async for out in self.async_engine.generate(prompt_ids, params, request_id):
+        if self.prefill_client is not None:
+            outs = self.prefill_client.generate(self.async_engine, prompt_ids, params, request_id)
+        else:
+            outs = self.async_engine.generate(prompt_ids, params, request_id)
+        async for out in outs:
             times = out.metrics.token_times
             for i in range(seen, len(times)):
                 self.metrics.observe_token_gap(times[i] - times[i - 1])

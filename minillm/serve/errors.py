@@ -9,8 +9,9 @@ Statuses: 400 a value the engine cannot use (out of range, prompt longer than th
 template that fails or runs over its budget), 401 wrong API key, 403 a foreign browser origin or
 Host, 404 unknown model or path, 413 a body over the size limit, 415 a body that is not JSON,
 422 a body that is not JSON or has wrong types (400 for Ollama, which does not use 422), 503 the
-engine is not running or is overloaded. A 500 is a bug: its details go to the log under a
-request id, never to the client.
+engine is not running or is overloaded (or a PD pair's prefill server is unreachable), 502 a
+PD pair's prefill server refused or cut a request. A 500 is a bug: its details go to the log
+under a request id, never to the client.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _TYPES = {
     415: "UnsupportedMediaTypeError",
     422: "UnprocessableEntityError",
     500: "InternalServerError",
+    502: "BadGatewayError",
     503: "ServiceUnavailableError",
 }
 

@@ -10,7 +10,11 @@ The names are vLLM's, so dashboards and alerts written for vLLM read minillm unc
 - per-request histograms, observed when a request finishes (the engine's own timestamps):
   vllm:time_to_first_token_seconds, vllm:e2e_request_latency_seconds,
   vllm:request_queue_time_seconds, vllm:request_prompt_tokens, vllm:request_generation_tokens;
-  and vllm:inter_token_latency_seconds, observed by the server as tokens arrive.
+  and vllm:inter_token_latency_seconds, observed by the server as tokens arrive;
+- prefill/decode disaggregation (serve/pd_prefill.py, serve/pd_decode.py), on both servers of a
+  pair (zero elsewhere): minillm:kv_transfer_bytes_total (K/V bytes sent by a prefill server,
+  received by a decode server) and the histogram minillm:kv_transfer_seconds (one request's
+  K/V on the wire: first frame to last).
 
 Each app gets its own CollectorRegistry, so several servers (or tests) in one process do not
 share counters.
@@ -21,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -164,6 +168,23 @@ class ServerMetrics:
         self.generation_tokens = hist(
             "vllm:request_generation_tokens", "Generated tokens per request.", TOKEN_COUNT_BUCKETS
         )
+
+        self.kv_transfer_bytes = Counter(
+            "minillm:kv_transfer_bytes",
+            "K/V bytes moved between a prefill and a decode server (sent or received).",
+            ["model_name"],
+            registry=self.registry,
+        ).labels(model_name)
+        self.kv_transfer_seconds = hist(
+            "minillm:kv_transfer_seconds",
+            "Time one request's K/V took on the wire between prefill and decode servers.",
+            LATENCY_BUCKETS,
+        )
+
+    def observe_kv_transfer(self, nbytes: int, seconds: float) -> None:
+        """One request's K/V transfer (thread-safe: called from transfer threads)."""
+        self.kv_transfer_bytes.inc(nbytes)
+        self.kv_transfer_seconds.observe(seconds)
 
     def on_finished(self, out: RequestOutput) -> None:
         """AsyncLLMEngine hook (runs on the engine thread; prometheus_client is thread-safe)."""
