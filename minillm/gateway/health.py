@@ -3,8 +3,10 @@
 Active: every `interval` s each upstream's health path is fetched; `unhealthy_after` failures
 in a row take it out, `healthy_after` successes in a row bring it back (and re-read its models).
 Passive: `eject_after` failed requests in a row (connection refused, a 5xx, a stream cut)
-eject it for `eject_seconds`, as Envoy's outlier detection does; it is re-admitted when that
-time is up and a probe succeeds, so a dead upstream costs one probe per period, not a request.
+eject it for `eject_seconds`, as Envoy's outlier detection does. When that time is up it takes
+requests again; its failure count resets only on a success (a request or a probe), so one more
+failure ejects it again at once. Either way a failed attempt is retried elsewhere, so a dead
+upstream costs attempts, never a client's request that had not started.
 """
 
 from __future__ import annotations
