@@ -402,7 +402,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_len,
         enable_prefix_caching=args.enable_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
+    if llm.executor is not None:  # workers hold shards: one that dies stops the server
+        from minillm.parallel.serving import stop_server_on_failure
+
+        stop_server_on_failure(llm)
     origins = [o for entry in args.allowed_origins or [] for o in entry.split(",") if o.strip()]
     app = build_app(
         llm,
@@ -437,7 +443,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("warning: listening beyond this machine without --api-key", file=sys.stderr)
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        llm.close()  # stops the parallel workers, if any
+    failure = llm.executor.failure if llm.executor is not None else None
+    if failure:
+        print(f"error: the server stopped because {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -632,6 +645,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="URL",
         help="the prefill server of a --disaggregation-mode decode server, e.g. "
         "http://10.0.0.2:8000 (both share one --api-key)",
+    )
+    p.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split every layer over this many processes (default 1; SmolLM2 allows 1 or 3)",
+    )
+    p.add_argument(
+        "-pp",
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="split the layers into this many stages, one set of processes each (default 1)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")

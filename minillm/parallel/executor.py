@@ -123,6 +123,16 @@ class ParallelExecutor:
         """Why this run stopped, once a worker failed (None while it is healthy)."""
         return self._failure
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def mark_failed(self, reason: str) -> None:
+        """Record a failure seen outside a step (a watcher saw a worker die): the next step
+        raises it, and shutdown kills instead of asking politely."""
+        if self._failure is None:
+            self._failure = reason + "\nthe parallel run cannot continue; create a new LLM"
+
     # ------------------------------------------------------------------ start-up
     def start(self, path: Path, backend: str, model: ShardedLlamaModel) -> None:
         """Spawn ranks 1..N-1, wait until each has its part, then form the groups."""

@@ -1,0 +1,176 @@
+"""`minillm serve MODEL -tp 3`: a real server process whose model is split over three
+processes answers through the openai SDK exactly as one process would, refuses embeddings with
+a clear 501, and leaves no worker behind: not after SIGTERM, not after a worker is killed (the
+server then exits on its own with status 1 and names the dead rank, never hangs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from minillm import LLM, SamplingParams
+from minillm.testing import make_tiny_model
+
+DEADLINE_S = 180.0  # generous: three processes load a model on a busy 2-core machine
+MESSAGES = [{"role": "user", "content": "Say something about tensors."}]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 heads, 6 KV heads, FFN 192: splits over 3 ranks."""
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tp-serve") / "llama",
+        "llama",
+        seed=0,
+        hidden_size=96,
+        intermediate_size=192,
+        num_attention_heads=12,
+        num_key_value_heads=6,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+class Server:
+    def __init__(self, model: Path, port: int, log: Path, tp: int) -> None:
+        env = {**os.environ, "MINILLM_TP_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "minillm.cli", "serve", str(model), "-tp", str(tp)]
+        cmd += ["--backend", "ref", "--port", str(port), "--served-model-name", "tiny"]
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.workers: list[int] = []
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_healthy(self, tp: int) -> None:
+        def healthy() -> bool:
+            assert self.proc.poll() is None, self.output()
+            try:
+                return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_until(healthy, "the server to answer /health")
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.workers = [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert len(self.workers) == tp - 1, self.workers
+
+    def stop(self) -> None:
+        """Whatever the test did: the server and every worker are gone afterwards."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def start_server(free_port: Callable[[], int], tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(model: Path, tp: int) -> Server:
+        server = Server(model, free_port(), tmp_path / f"server{len(servers)}.log", tp)
+        servers.append(server)
+        server.wait_healthy(tp)
+        return server
+
+    try:
+        yield start
+    finally:
+        leftover = [pid for s in servers for pid in s.workers if _alive(pid)]
+        for s in servers:
+            s.stop()
+        assert not leftover, f"workers outlived their test: {leftover}"
+
+
+def test_a_tp3_server_answers_like_one_process_and_sigterm_leaves_no_worker(
+    model: Path, start_server: Callable[..., Server]
+) -> None:
+    with LLM(str(model), backend="ref") as one:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        want = one.chat(MESSAGES, params)[0].outputs[0].text
+
+    server = start_server(model, 3)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    kwargs = dict(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    reply = client.chat.completions.create(**kwargs)
+    assert reply.choices[0].message.content == want
+    chunks = client.chat.completions.create(**kwargs, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == want
+
+    with pytest.raises(openai.APIStatusError) as err:
+        client.embeddings.create(model="tiny", input="hello")
+    assert err.value.status_code == 501
+    assert "embeddings are not supported with tensor_parallel_size" in str(err.value)
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(DEADLINE_S) == 0, server.output()
+    _wait_until(lambda: not any(_alive(p) for p in server.workers), "the workers to exit")
+
+
+def test_a_killed_worker_fails_the_request_and_ends_the_server(
+    model: Path, start_server: Callable[..., Server]
+) -> None:
+    server = start_server(model, 3)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))  # the request is running on all three ranks
+    victim = server.workers[1]
+    os.kill(victim, signal.SIGSTOP)  # it cannot finish the request now: still in flight
+    os.kill(victim, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for _ in stream:  # the stream ends with an error, never hangs
+            pass
+    assert server.proc.wait(DEADLINE_S) == 1, server.output()
+    assert time.monotonic() - start < DEADLINE_S
+    out = server.output()
+    assert f"(pid {victim}) was killed by SIGKILL" in out, out
+    assert "error: the server stopped because" in out, out
+    _wait_until(lambda: not any(_alive(p) for p in server.workers), "the workers to exit")
