@@ -282,8 +282,6 @@ class ServingEngine:
             raise bad_request(str(e), e.field) from e
         except NotImplementedError as e:  # e.g. a model split over processes (parallel/)
             raise APIError(501, str(e)) from e
-        except NotImplementedError as e:  # e.g. a model split over processes (parallel/)
-            raise APIError(501, str(e)) from e
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
