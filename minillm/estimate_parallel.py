@@ -38,12 +38,16 @@ from minillm.estimate import (
 
 @dataclass(frozen=True)
 class Link:
-    """One direction of a link between two accelerators: its bandwidth and the fixed latency a
-    small message pays (the part that dominates decode, whose messages are a few KiB)."""
+    """One direction of a link between accelerators: its bandwidth and the fixed time one small
+    message or collective pays (the part that dominates decode, whose messages are a few KiB).
+
+    Bandwidths are the vendors' spec-sheet figures; latencies are orders of magnitude for a
+    small NCCL collective over that link (measure your own with nccl-tests), not guarantees.
+    """
 
     name: str
-    bandwidth_gb_s: float  # per direction, GB/s (1e9 bytes), from the vendor's spec sheet
-    latency_us: float  # typical one-message latency, microseconds (order of magnitude)
+    bandwidth_gb_s: float  # per direction, GB/s (1e9 bytes)
+    latency_us: float  # one small message / collective, microseconds
 
     def seconds(self, num_bytes: float, messages: int = 1) -> float:
         """Time to move ``num_bytes`` split into ``messages`` messages."""
@@ -54,11 +58,11 @@ class Link:
 LINKS: dict[str, Link] = {
     link.name: link
     for link in [
-        Link("NVLink4 (H100 SXM)", 450, 3),  # 900 GB/s both directions per GPU
-        Link("PCIe 5.0 x16", 64, 5),
-        Link("PCIe 4.0 x16", 32, 5),
-        Link("InfiniBand NDR 400G", 50, 5),
-        Link("Ethernet 100G", 12.5, 15),
+        Link("NVLink4 (H100 SXM)", 450, 8),  # 900 GB/s both directions per GPU
+        Link("PCIe 5.0 x16", 64, 15),
+        Link("PCIe 4.0 x16", 32, 15),
+        Link("InfiniBand NDR 400G", 50, 25),
+        Link("Ethernet 100G", 12.5, 50),
     ]
 }
 
@@ -78,8 +82,8 @@ def tp_bytes_per_token(spec: ModelSpec, tp: int, act_bytes: float = 2) -> float:
 
 
 def tp_messages_per_token(spec: ModelSpec, tp: int) -> int:
-    """All-reduces per forward step under TP (each pays the link's latency 2 (t-1) times in a
-    ring): this, not bandwidth, bounds small-batch decode across slow links."""
+    """All-reduces per forward step under TP, each paying the link's small-collective latency:
+    this, not bandwidth, bounds small-batch decode across slow links."""
     return 0 if positive_int("tp", tp) == 1 else 2 * spec.num_layers
 
 
