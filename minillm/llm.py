@@ -39,11 +39,14 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         num_micro_batches: int | None = None,
+        enable_expert_parallel: bool = False,
     ) -> None:
         """tensor_parallel_size x pipeline_parallel_size > 1: split the model over that many
         processes (minillm/parallel/): Megatron-style tensor parallelism within a stage,
         contiguous layer stages across them; num_micro_batches: how many pieces a pipelined
         step's batch is cut into (default: one per stage). kv_cache_memory is then per rank.
+        enable_expert_parallel (an MoE model): split whole experts over the TP ranks, tokens
+        sent to them by all-to-all (parallel/ep_moe.py), instead of slicing every expert.
         Such an LLM holds worker processes: close() it (or use `with LLM(...) as llm:`)."""
         for name, size in (
             ("tensor_parallel_size", tensor_parallel_size),
@@ -55,12 +58,20 @@ class LLM:
         self.executor = None  # minillm.parallel.executor.ParallelExecutor when distributed
         if tensor_parallel_size * pipeline_parallel_size == 1:  # nothing distributed imported
             self.loaded = load_model(model, backend)
+            if enable_expert_parallel is True and self.loaded.config.moe is None:
+                raise ValueError(
+                    "enable_expert_parallel=True needs a mixture-of-experts model, but this "
+                    f"{self.loaded.config.arch} model is dense; drop enable_expert_parallel"
+                )
         else:
             from minillm.parallel.config import ParallelConfig
             from minillm.parallel.executor import start_parallel
 
             parallel = ParallelConfig(
-                tensor_parallel_size, pipeline_parallel_size, num_micro_batches
+                tensor_parallel_size,
+                pipeline_parallel_size,
+                num_micro_batches,
+                enable_expert_parallel,
             )
             self.loaded, executor = start_parallel(model, backend, parallel)
             self.executor = executor

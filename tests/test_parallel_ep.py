@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 
+from minillm import LLM, SamplingParams
 from minillm.config import ModelConfig
 from minillm.kernels import get_backend
 from minillm.model.moe import ExpertCounts, MoEFeedForward
@@ -127,3 +128,59 @@ def test_sizes_that_do_not_divide_are_refused_with_the_ones_that_do(models, tmp_
     dense = ModelConfig.from_hf_config(make_tiny_model(tmp_path / "dense") / "config.json")
     with pytest.raises(ValueError, match="needs a mixture-of-experts model.*dense"):
         check_expert_parallel(dense, 2)
+
+
+# ---------------------------------------------------------------------------------- LLM
+def _run(llm: LLM, prompts: list[list[int]]) -> tuple[list, list[torch.Tensor]]:
+    """Greedy token ids, and the logits of every step (what the sampler saw)."""
+    seen: list[torch.Tensor] = []
+    real = llm.engine._sample
+
+    def spy(logits: torch.Tensor, to_sample: list) -> list:
+        seen.append(logits.clone())
+        return real(logits, to_sample)
+
+    llm.engine._sample = spy
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)], seen
+
+
+@pytest.mark.parametrize("tp,ep", [(2, True), (3, True), (2, False)])
+def test_llm_expert_parallel_matches_one_process(models, monkeypatch, tp, ep):
+    """LLM(tensor_parallel_size=N, enable_expert_parallel=...): the same greedy tokens, logits
+    within fp32 tolerance, and the same tokens-per-expert counts as one process (chunked
+    prefill mixed with decode: a budget of 8 tokens per step)."""
+    monkeypatch.setenv("MINILLM_TP_TIMEOUT_S", "60")
+    prompts = [[5, 9, 11, 40, 41], list(range(20, 39))]
+    kwargs = dict(backend="ref", num_kv_blocks=64, max_num_batched_tokens=8)
+    one = LLM(str(models["qwen2_moe"]), **kwargs)
+    want_tokens, want_logits = _run(one, prompts)
+    with LLM(
+        str(models["qwen2_moe"]), tensor_parallel_size=tp, enable_expert_parallel=ep, **kwargs
+    ) as llm:
+        got_tokens, got_logits = _run(llm, prompts)
+        got_counts = llm.loaded.model.expert_counts.counts
+    assert got_tokens == want_tokens
+    assert len(got_logits) == len(want_logits)
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    want_counts = one.loaded.model.expert_counts.counts
+    assert got_counts.tolist() == want_counts.tolist()
+    fed = sum(len(p) for p in prompts) + len(prompts) * 5  # prompt tokens + decoded inputs
+    assert want_counts.sum(dim=1).tolist() == [fed * 2] * 2  # tokens x top_k, each layer
+
+
+def test_llm_refuses_bad_expert_parallel_sizes_before_spawning(models, tmp_path):
+    before = _spawned_children()
+    with pytest.raises(ValueError, match="use one of: 1, 2, 3, 6"):
+        LLM(
+            str(models["mixtral"]),
+            backend="ref",
+            tensor_parallel_size=4,
+            enable_expert_parallel=True,
+        )
+    dense = make_tiny_model(tmp_path / "dense")
+    for tp in (1, 2):
+        with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+            LLM(str(dense), backend="ref", tensor_parallel_size=tp, enable_expert_parallel=True)
+    assert _spawned_children() == before

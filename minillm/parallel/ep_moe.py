@@ -23,6 +23,7 @@ runs every chosen expert on every token, on 1/N of its width.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -32,8 +33,9 @@ import torch.distributed as dist
 
 from minillm.config import ModelConfig, MoEConfig
 from minillm.model.moe import ExpertCounts, MoEFeedForward
-from minillm.model.weights import ExpertWeights, MoEWeights
+from minillm.model.weights import ExpertWeights, ModelWeights, MoEWeights
 from minillm.parallel import traffic
+from minillm.parallel.config import ParallelConfig
 from minillm.parallel.ep_dispatch import combine, dispatch
 from minillm.parallel.shard import columns, rows
 
@@ -67,6 +69,15 @@ def check_expert_parallel(config: ModelConfig, size: int) -> None:
         + f" evenly; each rank needs the same number of whole experts and heads, so use one "
         f"of: {sizes}"
     )
+
+
+def check_moe_split(config: ModelConfig, parallel: ParallelConfig) -> None:
+    """Before any weight is cut: can this model's experts be split the way `parallel` asks?"""
+    tp = parallel.tensor_parallel_size
+    if parallel.enable_expert_parallel:
+        check_expert_parallel(config, tp)
+    elif config.moe is not None and tp > 1:
+        check_expert_sliced(config, tp)
 
 
 def check_expert_sliced(config: ModelConfig, size: int) -> None:
@@ -118,6 +129,20 @@ def shard_moe(weights: MoEWeights, rank: int, size: int, expert_parallel: bool) 
         shared=None if weights.shared is None else sliced(weights.shared),
         shared_gate=weights.shared_gate,
     )
+
+
+def shard_experts(shard: ModelWeights, rank: int, size: int, expert_parallel: bool) -> ModelWeights:
+    """A TP shard (shard.shard_weights, whose MoE layers are still whole) with every MoE
+    layer cut to this rank's part (shard_moe)."""
+    if size == 1:
+        return shard
+    layers = [
+        lw if lw.moe is None else dataclasses.replace(
+            lw, moe=shard_moe(lw.moe, rank, size, expert_parallel)
+        )
+        for lw in shard.layers
+    ]  # fmt: skip
+    return dataclasses.replace(shard, layers=layers)
 
 
 def token_slice(num_tokens: int, rank: int, size: int) -> tuple[int, int]:

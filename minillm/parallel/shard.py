@@ -97,6 +97,9 @@ def vocab_rows(w: QuantTensor, rank: int, world_size: int) -> QuantTensor:
 
 
 def shard_layer(lw: LayerWeights, rank: int, world_size: int) -> LayerWeights:
+    """An MoE layer has no dense FFN; its routed experts pass through whole here and are cut
+    by parallel/ep_moe.shard_experts (whole experts per rank, or a slice of every expert)."""
+
     def col(b: QuantTensor | None) -> QuantTensor | None:
         return None if b is None else rows(b, rank, world_size)
 
@@ -107,12 +110,13 @@ def shard_layer(lw: LayerWeights, rank: int, world_size: int) -> LayerWeights:
         wv=rows(lw.wv, rank, world_size),
         wo=columns(lw.wo, rank, world_size),
         ffn_norm=lw.ffn_norm,
-        w_gate=rows(lw.w_gate, rank, world_size),
-        w_up=rows(lw.w_up, rank, world_size),
-        w_down=columns(lw.w_down, rank, world_size),
+        w_gate=col(lw.w_gate),
+        w_up=col(lw.w_up),
+        w_down=None if lw.w_down is None else columns(lw.w_down, rank, world_size),
         bq=col(lw.bq),
         bk=col(lw.bk),
         bv=col(lw.bv),
+        moe=lw.moe,
     )
 
 

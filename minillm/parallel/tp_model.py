@@ -32,6 +32,7 @@ from minillm.model.llama import LlamaModel
 from minillm.model.weights import ModelWeights
 from minillm.parallel import traffic
 from minillm.parallel.config import ParallelConfig
+from minillm.parallel.ep_moe import check_moe_split, parallel_moe, shard_experts
 from minillm.parallel.shard import local_config, shard_weights
 from minillm.parallel.sizes import check_pp_size, stage_layers
 
@@ -55,7 +56,9 @@ class ShardedLlamaModel(LlamaModel):
         self.tp_rank, self.stage = parallel.tp_rank(rank), parallel.pp_rank(rank)
         self.layer_ids = stage_layers(full_config.num_layers, pp, self.stage)  # global indices
         self.is_first, self.is_last = self.stage == 0, self.stage == pp - 1
+        check_moe_split(full_config, parallel)  # MoE layers: parallel/ep_moe.py
         shard = shard_weights(weights, full_config, self.tp_rank, tp, self.layer_ids)
+        shard = shard_experts(shard, self.tp_rank, tp, parallel.enable_expert_parallel)
         placeholder = weights.embed.take_rows(np.arange(1))
         shard.embed = weights.embed if self.is_first else placeholder
         if not self.is_last:
@@ -89,6 +92,16 @@ class ShardedLlamaModel(LlamaModel):
         alone: tensor parallelism over one stage)."""
         parallel = parallel or ParallelConfig(tensor_parallel_size=world_size or 1)
         return cls(config, weights, ops, rank, parallel)
+
+    def make_moe(self, weights: Any, row: int) -> Any:
+        """An MoE layer's FFN on this rank: whole experts with an all-to-all (expert parallel)
+        or a slice of every expert with an all-reduce (parallel/ep_moe.py)."""
+        assert self.config.moe is not None
+        return parallel_moe(
+            weights, self.config.moe, self.ops, self.tp_rank,
+            self.parallel.tensor_parallel_size, self.parallel.enable_expert_parallel,
+            lambda: self.tp_group, self.expert_counts, row,
+        )  # fmt: skip
 
     def _embed(self, batch: ForwardBatch) -> torch.Tensor:
         if self.is_first:
