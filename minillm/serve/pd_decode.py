@@ -39,7 +39,7 @@ from minillm.parallel.pd_transfer import (
 from minillm.sampling import SamplingParams
 from minillm.serve.errors import APIError
 from minillm.serve.metrics import ServerMetrics
-from minillm.serve.pd_prefill import PD_HEADER, PD_HEADER_VALUE, PDIdentity
+from minillm.serve.pd_protocol import PD_HEADER, PD_HEADER_VALUE, PDIdentity
 
 CONNECT_TIMEOUT_S = 10.0
 PREFILL_TIMEOUT_S = 600.0  # a long prompt on a busy CPU prefill server takes a while

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
@@ -31,41 +30,12 @@ from pydantic import BaseModel
 
 from minillm.engine.llm_engine import PromptError
 from minillm.engine.prefilled import PrefilledPrompt
-from minillm.llm import LLM
-from minillm.parallel.pd_transfer import KV_MEDIA_TYPE, KVLayout, encode_prefilled
+from minillm.parallel.pd_transfer import KV_MEDIA_TYPE, encode_prefilled
 from minillm.sampling import SamplingParams
 from minillm.serve.engine_client import ServingDep
 from minillm.serve.errors import APIError, bad_request, from_value_error
 from minillm.serve.metrics import ServerMetrics
-
-PD_HEADER = "X-Minillm-PD"
-PD_HEADER_VALUE = "decode"
-DISAGGREGATION_MODES = ("null", "prefill", "decode")  # SGLang's --disaggregation-mode values
-
-
-@dataclass(frozen=True)
-class PDIdentity:
-    """What must match between the two servers of a pair: the model's bytes and K/V layout."""
-
-    model: str
-    fingerprint: str
-    layout: KVLayout
-
-    @classmethod
-    def of(cls, llm: LLM, model_name: str, fingerprint: str) -> PDIdentity:
-        c = llm.loaded.config
-        return cls(model_name, fingerprint, KVLayout(c.num_layers, c.num_kv_heads, c.head_dim))
-
-    def as_json(self) -> dict[str, Any]:
-        lay = self.layout
-        return {
-            "model": self.model,
-            "fingerprint": self.fingerprint,
-            "num_layers": lay.num_layers,
-            "num_kv_heads": lay.num_kv_heads,
-            "head_dim": lay.head_dim,
-            "dtype": "float32",
-        }
+from minillm.serve.pd_protocol import PD_HEADER, PD_HEADER_VALUE, PDIdentity
 
 
 class PrefillBody(BaseModel):

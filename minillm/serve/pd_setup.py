@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from minillm.parallel.pd_transfer import model_fingerprint
 from minillm.serve.engine_client import ServingEngine
 from minillm.serve.pd_decode import PrefillClient
-from minillm.serve.pd_prefill import DISAGGREGATION_MODES, PDIdentity
 from minillm.serve.pd_prefill import router as pd_router
+from minillm.serve.pd_protocol import DISAGGREGATION_MODES, PDIdentity
 
 
 def install_disaggregation(
