@@ -415,3 +415,34 @@ def test_smollm2_pair_greedy(bundled_gguf_path, free_port):
     finally:
         decode.stop()
         prefill.stop()
+
+
+# ---------------------------------------------------------------------------- backends
+KV_SLOTS_ON_THE_CUDA_BACKEND = """
+import numpy as np, torch
+from minillm.kernels import cuda as backend
+from minillm.kv.cache import KVCache
+device, host = KVCache(3, 6, 4, 2, 8, backend), KVCache(3, 6, 4, 2, 8, None)
+for i, (d, h) in enumerate(zip(device.k + device.v, host.k + host.v)):
+    start = torch.randn((6, 4, 2, 8), generator=torch.Generator().manual_seed(i))
+    d.copy_to_device(start.numpy()); h.copy_(start)
+slots = [5, 6, 7, 8, 17, 2]  # a partial block, a whole one, scattered ones
+assert torch.equal(device.read_slots(slots), host.read_slots(slots))
+data = torch.randn(2, 3, len(slots), 2, 8)
+device.write_slots(slots, data); host.write_slots(slots, data)
+for d, h in zip(device.k + device.v, host.k + host.v):
+    assert np.array_equal(d.copy_to_host(), h.numpy())
+print("ok", type(device.k[0]).__name__)
+"""
+
+
+def test_kv_slots_through_the_cuda_backend():
+    """The cuda backend reads and writes a PD request's slots in its device cache exactly as
+    the host cache does (under Numba's CUDA simulator, so it runs without a GPU)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", KV_SLOTS_ON_THE_CUDA_BACKEND],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok") and "CUDA" in done.stdout

@@ -346,6 +346,42 @@ def copy_kv_blocks(caches: list, src: list[int], dst: list[int]) -> None:
             cache[d].copy_to_device(cache[s])
 
 
+def _slot_blocks(slots: torch.Tensor, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct blocks that hold `slots`, and each slot's row in those blocks stacked."""
+    idx = slots.numpy()
+    blocks = np.unique(idx // block_size)
+    return blocks, np.searchsorted(blocks, idx // block_size) * block_size + idx % block_size
+
+
+def read_kv_slots(caches: list, slots: torch.Tensor) -> torch.Tensor:
+    """Token slots of every cache array as a host tensor (len(caches), n, KvH, D): the prompt
+    K/V a prefill server sends (one device-to-host copy per block touched)."""
+    if not caches or not _is_device_array(caches[0]):
+        return torch.stack([t.view(-1, *t.shape[2:])[slots] for t in caches])
+    blocks, rows = _slot_blocks(slots, caches[0].shape[1])
+    out = []
+    for cache in caches:
+        held = np.stack([cache[int(b)].copy_to_host() for b in blocks])
+        out.append(torch.from_numpy(held.reshape(-1, *held.shape[2:])[rows]))
+    return torch.stack(out)
+
+
+def write_kv_slots(caches: list, slots: torch.Tensor, data: torch.Tensor) -> None:
+    """Write data[i] (n, KvH, D) into token slots of caches[i]: K/V received by a decode
+    server. A block only partly written keeps its other slots (read, patched, written back)."""
+    if not caches or not _is_device_array(caches[0]):
+        for t, d in zip(caches, data, strict=True):
+            t.view(-1, *t.shape[2:])[slots] = d
+        return
+    blocks, rows = _slot_blocks(slots, caches[0].shape[1])
+    for cache, d in zip(caches, data, strict=True):
+        held = np.stack([cache[int(b)].copy_to_host() for b in blocks])
+        flat = held.reshape(-1, *held.shape[2:])
+        flat[rows] = d.numpy()
+        for i, b in enumerate(blocks):
+            cache[int(b)].copy_to_device(np.ascontiguousarray(held[i]))
+
+
 class _PagedBlocks:
     """The cache blocks one op touches, on the device.
 
