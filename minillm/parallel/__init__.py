@@ -2,9 +2,9 @@
 
 `LLM(model, tensor_parallel_size=N, pipeline_parallel_size=M)` and `minillm serve MODEL -tp N
 -pp M` keep the scheduler, the sampler and rank 0's part of the model in the caller's process
-and spawn N x M - 1 workers, each holding only its own part (gloo on CPU, NCCL for the cuda
-backend). Across machines, torchrun starts the same workers (launch.py). Nothing here is
-imported when both sizes are 1. One file per idea:
+and spawn N x M - 1 workers, each holding only its own part (gloo: every backend hands host
+tensors between ops). Across machines, torchrun starts the same workers (launch.py). Nothing
+here is imported when both sizes are 1. One file per idea:
 
 Shared
 - config.py      ParallelConfig: the sizes every worker receives; rank layout (pipeline-major)
