@@ -11,9 +11,9 @@ handles like Ctrl-C: it stops accepting, lets the error responses finish, runs t
 
 uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that
 would kill the server right there, before it could stop its workers in order (they would still
-exit, on their pipe's end of file, but unasked). So a parallel server handles SIGTERM itself
-(by returning: uvicorn has done the shutdown already), and `minillm serve` goes on to close the
-LLM and exit with 0 after a SIGTERM, or 1 after a worker failure.
+exit, on their pipe's end of file, but unasked). So a parallel server handles SIGTERM itself:
+it raises SystemExit (status 0, or 1 after a worker failure, whose reason it prints), which
+leaves through `minillm serve`'s cleanup, where the LLM and so every worker is closed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from multiprocessing.connection import wait
 from typing import Any
@@ -59,10 +60,15 @@ def stop_server_on_failure(llm: Any) -> None:
                 return
 
     executor.on_failure.append(stop)
-    signal.signal(signal.SIGTERM, _after_uvicorn)  # uvicorn installs its own while serving
+
+    def terminated(signum: int, frame: object) -> None:
+        """SIGTERM outside uvicorn's own handler: before uvicorn runs, or re-raised by it once
+        it has shut down. Leave through the callers' cleanup (`minillm serve` closes the LLM)."""
+        failure = executor.failure
+        if failure:
+            print(f"error: the server stopped because {failure}", file=sys.stderr, flush=True)
+        raise SystemExit(1 if failure else 0)
+
+    signal.signal(signal.SIGTERM, terminated)  # uvicorn installs its own while serving
     if executor.procs:
         threading.Thread(target=watch, name="minillm-worker-watch", daemon=True).start()
-
-
-def _after_uvicorn(signum: int, frame: object) -> None:
-    """SIGTERM outside uvicorn's own handler: uvicorn has shut down; the caller cleans up."""
