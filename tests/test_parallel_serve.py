@@ -1,7 +1,8 @@
-"""`minillm serve MODEL -tp 3`: a real server process whose model is split over three
+"""`minillm serve MODEL -tp 3` (and -pp 2): a real server process whose model is split over
 processes answers through the openai SDK exactly as one process would, refuses embeddings with
-a clear 501, and leaves no worker behind: not after SIGTERM, not after a worker is killed (the
-server then exits on its own with status 1 and names the dead rank, never hangs).
+a clear 501, and leaves no worker behind: not after SIGTERM, not after a worker is killed during
+a request or while idle (the server then exits on its own with status 1 and names the dead
+rank, never hangs), not after the server itself is killed.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def _wait_until(check: Callable[[], bool], what: str) -> None:
 
 
 class Server:
-    def __init__(self, model: Path, port: int, log: Path, tp: int) -> None:
+    def __init__(self, model: Path, port: int, log: Path, flags: list[str]) -> None:
         env = {**os.environ, "MINILLM_TP_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "minillm.cli", "serve", str(model), "-tp", str(tp)]
+        cmd = [sys.executable, "-m", "minillm.cli", "serve", str(model), *flags]
         cmd += ["--backend", "ref", "--port", str(port), "--served-model-name", "tiny"]
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
@@ -69,7 +70,7 @@ class Server:
     def output(self) -> str:
         return self.log.read_text()
 
-    def wait_healthy(self, tp: int) -> None:
+    def wait_healthy(self, num_workers: int) -> None:
         def healthy() -> bool:
             assert self.proc.poll() is None, self.output()
             try:
@@ -80,7 +81,7 @@ class Server:
         _wait_until(healthy, "the server to answer /health")
         children = psutil.Process(self.proc.pid).children(recursive=True)
         self.workers = [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
-        assert len(self.workers) == tp - 1, self.workers
+        assert len(self.workers) == num_workers, self.workers
 
     def stop(self) -> None:
         """Whatever the test did: the server and every worker are gone afterwards."""
@@ -100,10 +101,11 @@ class Server:
 def start_server(free_port: Callable[[], int], tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(model: Path, tp: int) -> Server:
-        server = Server(model, free_port(), tmp_path / f"server{len(servers)}.log", tp)
+    def start(model: Path, tp: int = 1, pp: int = 1) -> Server:
+        flags = ["-tp", str(tp), "-pp", str(pp)]
+        server = Server(model, free_port(), tmp_path / f"server{len(servers)}.log", flags)
         servers.append(server)
-        server.wait_healthy(tp)
+        server.wait_healthy(tp * pp - 1)
         return server
 
     try:
@@ -122,7 +124,7 @@ def test_a_tp3_server_answers_like_one_process_and_sigterm_leaves_no_worker(
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         want = one.chat(MESSAGES, params)[0].outputs[0].text
 
-    server = start_server(model, 3)
+    server = start_server(model, tp=3)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     kwargs = dict(
         model="tiny",
@@ -150,7 +152,7 @@ def test_a_tp3_server_answers_like_one_process_and_sigterm_leaves_no_worker(
 def test_a_killed_worker_fails_the_request_and_ends_the_server(
     model: Path, start_server: Callable[..., Server]
 ) -> None:
-    server = start_server(model, 3)
+    server = start_server(model, tp=3)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     stream = client.chat.completions.create(
         model="tiny",
@@ -174,3 +176,38 @@ def test_a_killed_worker_fails_the_request_and_ends_the_server(
     assert f"(pid {victim}) was killed by SIGKILL" in out, out
     assert "error: the server stopped because" in out, out
     _wait_until(lambda: not any(_alive(p) for p in server.workers), "the workers to exit")
+
+
+def test_a_worker_killed_while_the_server_idles_ends_the_server(
+    model: Path, start_server: Callable[..., Server]
+) -> None:
+    """A -pp 2 server answers like one process; then, with no request to notice, a killed
+    worker still ends it: the server watches its workers and exits by itself."""
+    with LLM(str(model), backend="ref") as one:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        want = one.generate("The quick brown fox", params)[0].outputs[0].text
+    server = start_server(model, pp=2)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    reply = client.completions.create(
+        model="tiny",
+        prompt="The quick brown fox",
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.choices[0].text == want
+    victim = server.workers[0]
+    os.kill(victim, signal.SIGKILL)
+    assert server.proc.wait(DEADLINE_S) == 1, server.output()
+    out = server.output()
+    assert f"parallel worker rank 1 (pid {victim}) was killed by SIGKILL" in out, out
+
+
+def test_workers_do_not_outlive_a_killed_server(
+    model: Path, start_server: Callable[..., Server]
+) -> None:
+    """SIGKILL gives the server no chance to stop anything: each worker sees its pipe close."""
+    server = start_server(model, tp=3)
+    server.proc.kill()
+    server.proc.wait(DEADLINE_S)
+    _wait_until(lambda: not any(_alive(p) for p in server.workers), "the orphaned workers to exit")

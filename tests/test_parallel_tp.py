@@ -28,7 +28,7 @@ from minillm.config import ModelConfig
 from minillm.formats.blocks import QuantTensor, quantize
 from minillm.loader import read_model_files
 from minillm.parallel import traffic
-from minillm.parallel.executor import TensorParallelExecutor
+from minillm.parallel.executor import ParallelExecutor
 from minillm.parallel.shard import column_split_reason, columns, shard_weights, vocab_rows
 from minillm.parallel.sizes import check_tp_size, valid_tp_sizes
 from minillm.testing import make_tiny_model
@@ -76,7 +76,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _executor(llm: LLM) -> TensorParallelExecutor:
+def _executor(llm: LLM) -> ParallelExecutor:
     return llm.engine.runner.executor
 
 
@@ -85,7 +85,7 @@ def make_tp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., LLM]]:
     """LLM(..., tensor_parallel_size=tp) on ref; its workers are shut down after the test,
     and any survivor killed. Only the executors are kept, so a test can drop its LLM."""
     monkeypatch.setenv("MINILLM_TP_TIMEOUT_S", "60")  # well inside DEADLINE_S
-    executors: list[TensorParallelExecutor] = []
+    executors: list[ParallelExecutor] = []
     before = _spawned_children()
 
     def make(path: Path, tp: int, backend: str = "ref", **kwargs: object) -> LLM:
