@@ -103,20 +103,23 @@ def shard_layer(lw: LayerWeights, rank: int, world_size: int) -> LayerWeights:
     def col(b: QuantTensor | None) -> QuantTensor | None:
         return None if b is None else rows(b, rank, world_size)
 
-    return LayerWeights(
-        attn_norm=lw.attn_norm,
-        wq=rows(lw.wq, rank, world_size),
-        wk=rows(lw.wk, rank, world_size),
-        wv=rows(lw.wv, rank, world_size),
-        wo=columns(lw.wo, rank, world_size),
-        ffn_norm=lw.ffn_norm,
+    def row(w: QuantTensor | None) -> QuantTensor | None:
+        return None if w is None else columns(w, rank, world_size)
+
+    # replace, not rebuild: fields this split does not touch (norms, an MoE layer's experts,
+    # per-head q/k norms) are replicated as they are
+    return dataclasses.replace(
+        lw,
+        wq=col(lw.wq),
+        wk=col(lw.wk),
+        wv=col(lw.wv),
+        wo=row(lw.wo),
         w_gate=col(lw.w_gate),
         w_up=col(lw.w_up),
-        w_down=None if lw.w_down is None else columns(lw.w_down, rank, world_size),
+        w_down=row(lw.w_down),
         bq=col(lw.bq),
         bk=col(lw.bk),
         bv=col(lw.bv),
-        moe=lw.moe,
     )
 
 
@@ -126,7 +129,8 @@ def split_reasons(weights: ModelWeights, world_size: int) -> dict[str, str]:
     out: dict[str, str] = {}
     for lw in weights.layers[:1]:  # every layer has the same shapes and formats
         for name in ("wo", "w_down"):
-            why = column_split_reason(getattr(lw, name), world_size)
+            w = getattr(lw, name)
+            why = None if w is None else column_split_reason(w, world_size)
             if why is not None and world_size > 1:
                 out[name] = why
     return out
