@@ -130,12 +130,16 @@ def test_pipeline_matches_one_process(
 ) -> None:
     """Chunked prefill mixed with decode (8 tokens a step), a step that samples nothing and an
     n=2 fork that copies a KV block: the same tokens and (fp32 tolerance) logits as one
-    process; stage 0 sends each token's d floats once per micro-batch, and the timings add up."""
+    process; stage 0 sends each token's d floats once per micro-batch, the timings add up, and
+    embeddings equal one process's."""
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     forked = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
     params = [greedy, greedy, forked]
     kwargs = dict(backend=backend, num_kv_blocks=64, max_num_batched_tokens=8)
-    want_tokens, want_logits, _ = _run(LLM(str(models[arch]), **kwargs), PROMPTS, params)
+    one = LLM(str(models[arch]), **kwargs)
+    want_tokens, want_logits, _ = _run(one, PROMPTS, params)
+    inputs = [one.tokenizer.encode(p) for p in PROMPTS[:2]]
+    want_vectors = one.engine.embed(inputs)
 
     llm = make_llm(models[arch], tensor_parallel_size=tp, pipeline_parallel_size=pp, **kwargs)
     assert len(llm.executor.worker_pids) == tp * pp - 1
@@ -157,6 +161,9 @@ def test_pipeline_matches_one_process(
     assert all(0 < b <= stats["wall_s"] for b in stats["stage_busy_s"])
     assert 0 <= stats["bubble_measured"] < 1
     assert stats["mean_micro_batches"] > 1  # some steps really were split
+    # embeddings: every rank joins the pass, the last stage's hidden states come back
+    got_vectors = llm.engine.embed(inputs)
+    torch.testing.assert_close(torch.tensor(got_vectors), torch.tensor(want_vectors))
     traffic.reset()
 
 

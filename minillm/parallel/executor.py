@@ -19,6 +19,7 @@ garbage collection and at interpreter exit) stops them in order.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -209,6 +211,24 @@ class ParallelExecutor:
         kv = engine.kv_cache
         self._send(("kv", kv.num_blocks, kv.block_size))
         engine.runner = ParallelRunner(engine.model, kv, self)
+        engine.model.remote_hidden = functools.partial(self.run_hidden, engine.model)
+
+    def run_hidden(
+        self,
+        model: ShardedLlamaModel,
+        batch: ForwardBatch,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """An embeddings pass on every rank (model/pooling.py's scratch cache on rank 0, one
+        of the same number of blocks on each worker); the final hidden states (T, d)."""
+        num_blocks, block_size = (int(n) for n in k_caches[0].shape[:2])
+        self._send(("hidden", batch, num_blocks, block_size))
+        scratch = SimpleNamespace(k=k_caches, v=v_caches)
+        try:
+            return run_stage(model, scratch, [batch], StepTimes(), hidden=True)[0]
+        except Exception as e:
+            raise self._fail(e) from e
 
     # ------------------------------------------------------------------ steps
     def run_step(

@@ -95,12 +95,14 @@ def run_stage(
     batches: list[ForwardBatch],
     times: StepTimes,
     device: Any = None,
+    hidden: bool = False,
 ) -> list[torch.Tensor]:
     """This rank's part of one step; returns each micro-batch's (S_i, V) logits on rank 0
-    (an empty list elsewhere)."""
+    (an empty list elsewhere). hidden: an embeddings pass instead, whose result is each
+    micro-batch's (T_i, d) final normalised hidden states."""
     pc = model.parallel
     tp = pc.tensor_parallel_size
-    hidden, vocab = model.full_config.hidden_size, model.full_config.vocab_size
+    hidden_size, vocab = model.full_config.hidden_size, model.full_config.vocab_size
     prev_rank, next_rank = model.rank - tp, model.rank + tp
     last_leader = pc.rank_of(pc.pipeline_parallel_size - 1, 0)
     sends: list[tuple[Any, torch.Tensor]] = []
@@ -108,11 +110,11 @@ def run_stage(
     busy = 0.0
     for i, batch in enumerate(batches):
         if not model.is_first:
-            x = torch.empty((batch.num_tokens, hidden), dtype=torch.float32, device=device)
+            x = torch.empty((batch.num_tokens, hidden_size), dtype=torch.float32, device=device)
             dist.recv(x, src=prev_rank, tag=i)
             model.incoming = x
         t0 = time.perf_counter()
-        y = model.forward(batch, kv.k, kv.v)
+        y = model.stage_hidden(batch, kv.k, kv.v) if hidden else model.forward(batch, kv.k, kv.v)
         busy += time.perf_counter() - t0
         if not model.is_last:
             y = y.contiguous()
@@ -125,9 +127,8 @@ def run_stage(
             sends.append((dist.isend(y, dst=0, tag=i), y))
     if model.rank == 0 and not model.is_last:
         for i, batch in enumerate(batches):
-            logits = torch.empty(
-                (int(batch.logits_rows.shape[0]), vocab), dtype=torch.float32, device=device
-            )
+            rows = batch.num_tokens if hidden else int(batch.logits_rows.shape[0])
+            logits = torch.empty((rows, hidden_size if hidden else vocab), device=device)
             if logits.shape[0]:
                 dist.recv(logits, src=last_leader, tag=i)
             outs.append(logits)

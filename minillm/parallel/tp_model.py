@@ -10,7 +10,10 @@ A rank holds one tensor-parallel shard (shard.py) of one pipeline stage's layers
   (`incoming`, set by pipeline.py) instead of the embedding table, which it does not hold;
 - `_logits`: a stage before the last returns its (T, d) activations for the next stage; the
   last stage's vocabulary-parallel lm_head gives each TP rank (S, ceil(V/N)) logits, which the
-  stage's TP rank 0 gathers and trims to (S, V).
+  stage's TP rank 0 gathers and trims to (S, V);
+- `hidden_states` (embeddings): rank 0 hands the pass to the executor, which runs
+  `stage_hidden` on every rank (pipeline.run_stage with hidden=True) and returns the last
+  stage's normalised (T, d) hidden states.
 
 Only the first stage keeps the embedding and only the last the final norm and lm_head: the
 others are built with a one-row placeholder table that is dropped right away.
@@ -77,6 +80,7 @@ class ShardedLlamaModel(LlamaModel):
         self.tp_group: Any = None
         self.tp_leader = parallel.rank_of(self.stage, 0)
         self.incoming: torch.Tensor | None = None
+        self.remote_hidden: Any = None  # rank 0: executor.run_hidden once attached
 
     @classmethod
     def from_full(
@@ -137,9 +141,26 @@ class ShardedLlamaModel(LlamaModel):
         dist.gather(local, parts, dst=self.tp_leader, group=self.tp_group)
         return torch.cat(parts, dim=1)[:, :vocab]
 
-    def hidden_states(self, *args: object, **kwargs: object) -> torch.Tensor:
-        raise NotImplementedError(
-            "embeddings are not supported with tensor_parallel_size or pipeline_parallel_size "
-            "> 1 (the workers would have to join a pass that is not a generation step); "
-            "serve embeddings from a single-process server"
-        )
+    @torch.inference_mode()
+    def hidden_states(
+        self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Embeddings (model/pooling.py) on rank 0: every rank must join the pass, so the
+        executor sends it to the workers (executor.attach sets `remote_hidden`)."""
+        if self.remote_hidden is None:
+            raise NotImplementedError(
+                "embeddings of a model split over processes run through its executor; this "
+                "shard has none (only rank 0's model, attached to an engine, can embed)"
+            )
+        return self.remote_hidden(batch, k_caches, v_caches)
+
+    @torch.inference_mode()
+    def stage_hidden(
+        self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """This rank's part of an embeddings pass: its layers, then (last stage) the final
+        norm: (T, d) on every rank."""
+        x = self._layers(batch, k_caches, v_caches)
+        if not self.is_last:
+            return x
+        return self.ops.rms_norm(x, self.final_norm, self.full_config.rms_norm_eps)

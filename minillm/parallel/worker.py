@@ -11,7 +11,8 @@ memory.
 Commands: ("kv", num_blocks, block_size) allocates this rank's KV cache (its stage's layers,
 its own KV heads; the block ids are rank 0's, so every rank's cache has the same number of
 blocks); ("step", blocks_to_copy, [ForwardBatch, ...]) runs one step, one ForwardBatch per
-micro-batch; ("stats",) and ("traffic",) answer with this rank's step timings or traffic counts
+micro-batch; ("hidden", ForwardBatch, num_blocks, block_size) runs an embeddings pass on a
+scratch cache of that many blocks; ("stats",) and ("traffic",) answer with this rank's step timings or traffic counts
 (a gather on the control group); ("reset",) clears both; ("stop",) ends the loop.
 """
 
@@ -25,7 +26,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from minillm.parallel.config import ParallelConfig
@@ -62,7 +63,7 @@ def serve_commands(
     """Run rank 0's commands until "stop" or until rank 0 is gone (recv returns None)."""
     import torch.distributed as dist
 
-    from minillm.kv.cache import KVCache
+    from minillm.kv.cache import KVCache, host_kv_cache
     from minillm.parallel import traffic
     from minillm.parallel.pipeline import StepTimes, run_stage
 
@@ -83,6 +84,19 @@ def serve_commands(
                 raise RuntimeError("a step arrived before the KV cache was allocated")
             kv.copy_blocks(blocks_to_copy)
             run_stage(model, kv, batches, times)
+        elif kind == "hidden":  # an embeddings pass, on a scratch cache of its own
+            _, batch, num_blocks, block_size = msg
+            shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+            allocate = getattr(ops, "allocate_kv_cache", host_kv_cache)
+            k, v = allocate(shape), allocate(shape)
+            layers = cfg.num_layers
+            run_stage(
+                model,
+                SimpleNamespace(k=[k] * layers, v=[v] * layers),
+                [batch],
+                StepTimes(),
+                hidden=True,
+            )
         elif kind == "stats":
             dist.gather_object(times.as_dict(), None, dst=0, group=control)
         elif kind == "traffic":
