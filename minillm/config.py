@@ -15,7 +15,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")  # dense; from GGUF or HF folders
+from minillm.config_gemma3 import Gemma3Options
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")  # dense; gemma3 from GGUF only
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe")  # HF folders only (no MoE GGUF ships here)
 # Sizes beyond int32 are never real and would overflow index arithmetic downstream.
 _MAX_SIZE = 2**31 - 1
@@ -112,6 +114,7 @@ class ModelConfig:
     attention_bias: bool  # Qwen2 puts a bias on q/k/v
     name: str = ""
     moe: MoEConfig | None = None  # None: every layer's FFN is dense
+    gemma3: Gemma3Options | None = None  # Gemma 3's extras (config_gemma3.py); None otherwise
 
     def __post_init__(self) -> None:
         """Every source (GGUF, config.json, pruning) lands here: sizes size every buffer."""
@@ -124,6 +127,16 @@ class ModelConfig:
             raise ValueError(
                 f"architecture {self.arch!r} "
                 + ("needs an MoE config" if self.moe is None else "is dense but has an MoE config")
+            )
+        if (self.gemma3 is None) == (self.arch == "gemma3"):
+            raise ValueError(
+                f"architecture {self.arch!r} "
+                + ("needs Gemma 3 options" if self.gemma3 is None else "has Gemma 3 options")
+            )
+        if self.gemma3 is not None and len(self.gemma3.layer_types) != self.num_layers:
+            raise ValueError(
+                f"gemma3.layer_types has {len(self.gemma3.layer_types)} entries for "
+                f"{self.num_layers} layers"
             )
         for f in fields(self):
             value = getattr(self, f.name)
@@ -148,6 +161,8 @@ class ModelConfig:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
         head = 0 if self.tie_word_embeddings else v * d
+        if self.gemma3 is not None:  # two more norms per layer, and q/k norms of a head's size
+            attn += 2 * d + 2 * self.head_dim
         if self.moe is None:
             return v * d + self.num_layers * (attn + 3 * d * f + 2 * d) + d + head
         m = self.moe
@@ -220,6 +235,13 @@ class ModelConfig:
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
             name=str(md.get("general.name", "")),
+            gemma3=(
+                Gemma3Options.from_gguf_metadata(
+                    md, _gguf_int(md, f"{arch}.block_count"), heads, hidden, head_dim
+                )
+                if arch == "gemma3"
+                else None
+            ),
         )
 
     @classmethod
@@ -227,6 +249,11 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             cfg = json.loads(Path(cfg).read_text())
         model_type = cfg.get("model_type", "")
+        if model_type in ("gemma3", "gemma3_text"):
+            raise ValueError(
+                "Gemma 3 runs from its GGUF file (e.g. the bundled gemma3-270m); minillm does "
+                "not read Gemma 3 Hugging Face folders"
+            )
         if model_type not in SUPPORTED_ARCHITECTURES + MOE_ARCHITECTURES:
             raise ValueError(
                 f"unsupported model_type {model_type!r} in config.json; minillm runs "

@@ -13,6 +13,7 @@ from minillm.config import ModelConfig
 from minillm.formats.gguf import GGUFError, GGUFFile
 from minillm.formats.gguf_check import check_model_header
 from minillm.kernels import get_backend
+from minillm.model.gemma3 import Gemma3Model
 from minillm.model.llama import LlamaModel
 from minillm.model.weights import ModelWeights, load_gguf_weights, load_hf_weights
 from minillm.tokenizer import Tokenizer
@@ -67,18 +68,29 @@ def read_model_files(path: Path) -> tuple[ModelConfig, ModelWeights, Tokenizer]:
     )
 
 
+def model_class(config: ModelConfig) -> type[LlamaModel]:
+    """The forward pass an architecture needs: Gemma 3's, or the Llama family's."""
+    return Gemma3Model if config.gemma3 is not None else LlamaModel
+
+
 def load_model(
     model: str | Path = "smollm2",
     backend: str = "auto",
-    build: Callable[[ModelConfig, ModelWeights, ModuleType], LlamaModel] = LlamaModel,
+    build: Callable[[ModelConfig, ModelWeights, ModuleType], LlamaModel] | None = None,
 ) -> LoadedModel:
-    """build: how the model is made from config, weights and backend (tensor parallelism
-    builds one rank's shard instead, minillm/parallel/executor.py)."""
+    """build: how the model is made from config, weights and backend; None: the class the
+    architecture needs (tensor parallelism builds one rank's shard instead,
+    minillm/parallel/executor.py)."""
     t0 = time.perf_counter()
     ops = get_backend(backend)
     path = locate(model)
     config, weights, tokenizer = read_model_files(path)
-    net = build(config, weights, ops)
+    if build is not None and config.gemma3 is not None:
+        raise ValueError(
+            f"{path}: Gemma 3 runs in one process only (tensor, pipeline and context "
+            "parallelism build Llama-family shards)"
+        )
+    net = (build or model_class(config))(config, weights, ops)
     try:
         template = ChatTemplate(
             tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token or ""

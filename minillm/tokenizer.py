@@ -4,7 +4,8 @@ The heavy lifting (BPE merges, special-token splitting, byte-level decoding) is 
 Rust `tokenizers` library; this module's job is to *assemble* the right pipeline from what a
 model file says, because a GGUF carries no tokenizer.json, only llama.cpp's metadata keys:
 
-    tokenizer.ggml.model       "gpt2" = byte-level BPE (the only kind supported here)
+    tokenizer.ggml.model       "gpt2" = byte-level BPE; "llama" = SentencePiece, for Gemma only
+                               (tokenizer_gemma.py rebuilds it)
     tokenizer.ggml.pre         which regex splits text into words before BPE ("smollm", "qwen2", ...)
     tokenizer.ggml.tokens      the vocabulary, index = token id
     tokenizer.ggml.merges      "a b" pairs, best first
@@ -24,6 +25,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
+
+from minillm.tokenizer_gemma import gemma_backend
 
 # llama.cpp's token_type values (enum llama_token_type in GGUF files).
 TOKEN_TYPE_CONTROL = 3
@@ -122,27 +125,34 @@ class Tokenizer:
         kind = metadata.get("tokenizer.ggml.model")
         if kind is None:
             raise ValueError("GGUF metadata has no tokenizer.ggml.model: no tokenizer to build")
-        if kind != "gpt2":
+        sentencepiece = kind == "llama" and metadata.get("general.architecture") == "gemma3"
+        if kind != "gpt2" and not sentencepiece:
             raise ValueError(
-                f"unsupported tokenizer.ggml.model {kind!r}: minillm builds only byte-level BPE "
-                "('gpt2') tokenizers from GGUF; SentencePiece ('llama'), WordPiece ('bert') and "
-                "others are not supported. Load the model's Hugging Face folder instead."
+                f"unsupported tokenizer.ggml.model {kind!r}: minillm builds byte-level BPE "
+                "('gpt2') tokenizers from GGUF, and SentencePiece ('llama') ones for Gemma 3 "
+                "only; WordPiece ('bert') and others are not supported. Load the model's "
+                "Hugging Face folder instead."
             )
         tokens: list[str] = list(_require(metadata, "tokenizer.ggml.tokens"))
-        merges = [tuple(m.split(" ", 1)) for m in _require(metadata, "tokenizer.ggml.merges")]
         types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         if len(types) != len(tokens):
             raise ValueError(f"GGUF metadata has {len(tokens)} tokens but {len(types)} token types")
 
-        pre_name = metadata.get("tokenizer.ggml.pre")
-        backend = BackendTokenizer(
-            models.BPE(
-                vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, fuse_unk=False
+        if sentencepiece:
+            unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+            if not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
+                raise ValueError("a SentencePiece GGUF needs tokenizer.ggml.unknown_token_id")
+            backend = gemma_backend(tokens, types, tokens[unk_id])
+        else:
+            merges = [tuple(m.split(" ", 1)) for m in _require(metadata, "tokenizer.ggml.merges")]
+            backend = BackendTokenizer(
+                models.BPE(
+                    vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, fuse_unk=False
+                )
             )
-        )
-        backend.pre_tokenizer = _pre_tokenizer_for(pre_name)
-        backend.decoder = decoders.ByteLevel()
-        _register_added_tokens(backend, tokens, types)
+            backend.pre_tokenizer = _pre_tokenizer_for(metadata.get("tokenizer.ggml.pre"))
+            backend.decoder = decoders.ByteLevel()
+            _register_added_tokens(backend, tokens, types)
 
         def token_at(key: str) -> str | None:
             index = metadata.get(key)
@@ -155,7 +165,8 @@ class Tokenizer:
         bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
         _set_bos_eos_post_processor(
             backend,
-            bos if metadata.get("tokenizer.ggml.add_bos_token", False) else None,
+            # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say
+            bos if metadata.get("tokenizer.ggml.add_bos_token", sentencepiece) else None,
             eos if metadata.get("tokenizer.ggml.add_eos_token", False) else None,
         )
         extra_eos = [

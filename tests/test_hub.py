@@ -39,6 +39,7 @@ from minillm.hub import (
     show,
 )
 from minillm.hub import bundled as bundled_mod
+from minillm.hub import bundled_gemma3
 from minillm.hub.download_worker import choose_files
 from minillm.hub.safetensors_header import read_safetensors_header
 
@@ -262,10 +263,13 @@ def test_pull_bundled_reports_a_pip_failure(monkeypatch):
 
 def test_bundled_model_is_listed_without_a_pull(home, bundled_gguf_path):
     rows = list_models()
-    assert [(r.name, r.source, r.size) for r in rows] == [
-        ("smollm2:135m", "bundled", bundled_gguf_path.stat().st_size)
-    ]
-    assert not home.exists()  # listing writes nothing
+    # make setup installs both bundled models; Gemma's size is its chunks' (assembled on use)
+    assert {(r.name, r.source, r.size) for r in rows} == {
+        ("smollm2:135m", "bundled", bundled_gguf_path.stat().st_size),
+        ("gemma3-270m", "bundled", bundled_gemma3.expected_size()),
+    }
+    assert bundled_gemma3.expected_size() > 250e6
+    assert not home.exists()  # listing writes nothing (Gemma is not assembled by a listing)
 
 
 def test_pull_and_rm_of_a_local_folder_never_touch_its_files(tiny_hf):

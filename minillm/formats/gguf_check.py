@@ -46,6 +46,14 @@ def expected_shapes(config: ModelConfig) -> tuple[Shapes, Shapes]:
             p + "ffn_down.weight": (d, f),
         }
         optional |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
+        if config.gemma3 is not None:  # QK-norm and the norms after attention and FFN
+            head = (config.head_dim,)
+            required |= {
+                p + "attn_q_norm.weight": head,
+                p + "attn_k_norm.weight": head,
+                p + "post_attention_norm.weight": (d,),
+                p + "post_ffw_norm.weight": (d,),
+            }
     return required, optional
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from minillm.hub import bundled
+from minillm.hub import bundled, bundled_gemma3
 from minillm.hub.errors import HubError, ModelNotFoundError
 from minillm.hub.names import parse_remote
 from minillm.hub.ref import ModelRef
@@ -50,6 +50,14 @@ def list_models() -> list[ModelInfo]:
         rows[bundled.NAME] = ModelInfo(
             bundled.NAME, "bundled", "gguf", gguf, stat.st_size, modified
         )
+    chunks = bundled_gemma3.chunk_files()
+    if chunks is not None:  # listed before it is assembled: its path is where it will be
+        pulled = rows.get(bundled_gemma3.NAME)
+        installed_at = datetime.fromtimestamp(chunks[0].stat().st_mtime, UTC)
+        rows[bundled_gemma3.NAME] = ModelInfo(
+            bundled_gemma3.NAME, "bundled", "gguf", bundled_gemma3.store_path(),
+            bundled_gemma3.expected_size(), pulled.modified if pulled else installed_at,
+        )  # fmt: skip
     return sorted(rows.values(), key=lambda r: r.modified, reverse=True)
 
 
@@ -57,6 +65,8 @@ def _registry_key(name: str) -> str:
     name = name.strip()
     if bundled.is_bundled_name(name):
         return bundled.NAME
+    if bundled_gemma3.is_gemma3_name(name):
+        return bundled_gemma3.NAME
     remote = parse_remote(name)
     if remote:
         return remote.canonical
@@ -76,6 +86,13 @@ def remove(name: str) -> ModelRef:
             raise ModelNotFoundError(f"model {name!r} is not installed or registered")
         delete_manifest(key)
         return ModelRef(bundled.NAME, "bundled", gguf or Path(manifest.path), "gguf")  # type: ignore[union-attr]
+    if key == bundled_gemma3.NAME:  # the assembled copy goes; the packages stay installed
+        path = bundled_gemma3.store_path()
+        if manifest is None and not path.exists() and not bundled_gemma3.installed():
+            raise ModelNotFoundError(f"model {name!r} is not installed or registered")
+        delete_manifest(key)
+        path.unlink(missing_ok=True)
+        return ModelRef(bundled_gemma3.NAME, "bundled", path, "gguf")
     if manifest is None:
         raise ModelNotFoundError(
             f"model {name!r} is not in the registry ({minillm_home()}); `minillm list` shows what is"

@@ -11,6 +11,7 @@ _REMOTE = re.compile(rf"^(?P<source>[a-z]+):(?P<org>{_PART})/(?P<repo>{_PART})(?
 
 ACCEPTED_FORMS = (
     "smollm2 or smollm2:135m (the bundled SmolLM2-135M-Instruct, Q4_1 GGUF)",
+    "gemma3-270m or gemma3 (the bundled Gemma 3 270M base model, Q4_K_M GGUF; Gemma terms)",
     "a path to a .gguf file",
     "a path to a Hugging Face folder (config.json + *.safetensors + tokenizer.json)",
     "modelscope:ORG/NAME or hf:ORG/NAME, once `minillm pull` has downloaded it",

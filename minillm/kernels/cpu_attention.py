@@ -5,6 +5,10 @@ table lists, so attention walks the table and reads each block where it is (no g
 Softmax is computed online, one cache block at a time: keep the running max m, the running
 sum l of exp(score - m) and the running weighted sum of V; when a block raises the max, rescale
 l and the sum by exp(m_old - m_new). One pass, no (context_len,) score array, no overflow.
+
+A sliding window (Gemma 3's local layers; ``window`` > 0) starts the walk at the block of the
+first key in the window, so blocks before it are never read: they may already be freed and
+handed to another sequence (kv/block_manager.py). ``window`` = 0 is the whole context.
 """
 
 from __future__ import annotations
@@ -40,19 +44,20 @@ def _check_tables(tables, lengths, num_blocks, block_size):  # noqa: ANN001, ANN
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _attend_one(q, k_cache, v_cache, table, length, kv_head, scale, out, scores, acc):  # noqa: ANN001, ANN202, PLR0913
-    """out (D,) = softmax(q . K[:length] * scale) @ V[:length] for one query head.
+def _attend_one(q, k_cache, v_cache, table, first, length, kv_head, scale, out, scores, acc):  # noqa: ANN001, ANN202, PLR0913
+    """out (D,) = softmax(q . K[first:length] * scale) @ V[first:length] for one query head.
     scores (block_size,) and acc (D,) are scratch space, reused across calls."""
     bs = k_cache.shape[1]
     d = q.shape[0]
     acc[:] = 0
     run_max = -np.inf
     run_sum = np.float32(0)
-    for i in range((length + bs - 1) // bs):
+    for i in range(first // bs, (length + bs - 1) // bs):
         blk = table[i]
+        s0 = max(first - i * bs, 0)  # > 0 only in the window's first block
         n = min(bs, length - i * bs)
         blk_max = -np.inf
-        for s in range(n):
+        for s in range(s0, n):
             dot = np.float32(0)
             for j in range(d):
                 dot += q[j] * k_cache[blk, s, kv_head, j]
@@ -63,9 +68,9 @@ def _attend_one(q, k_cache, v_cache, table, length, kv_head, scale, out, scores,
         run_sum *= rescale
         for j in range(d):
             acc[j] *= rescale
-        for s in range(n):  # the block's exps together: this loop vectorizes (np.exp would not)
+        for s in range(s0, n):  # the block's exps together: this vectorizes (np.exp would not)
             scores[s] = exp_f32(scores[s] - np.float32(new_max))
-        for s in range(n):
+        for s in range(s0, n):
             p = scores[s]
             run_sum += p
             for j in range(d):
@@ -80,8 +85,9 @@ RUNS = 32  # paged_decode's work items: enough to balance the threads of most CP
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):  # noqa: ANN001, ANN201
-    """q (B, H, D): one new token per sequence; out (B, H, D). The B x H query heads are split
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window, out):  # noqa: ANN001, ANN201
+    """q (B, H, D): one new token per sequence, attending to its last `window` positions (0:
+    all); out (B, H, D). The B x H query heads are split
     into a few runs of consecutive heads (heads sharing a KV head read its blocks from cache),
     and each run allocates its scratch space once."""
     b_rows, h_count = q.shape[0], q.shape[1]
@@ -95,15 +101,18 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):  
         acc = np.empty(q.shape[2], np.float32)
         for item in range(run * per_run, min(items, run * per_run + per_run)):
             b, h = item // h_count, item % h_count
+            length = context_lens[b]
+            first = max(length - window, 0) if window > 0 else 0
             _attend_one(
-                q[b, h], k_cache, v_cache, block_tables[b], context_lens[b], h // group,
+                q[b, h], k_cache, v_cache, block_tables[b], first, length, h // group,
                 np.float32(scale), out[b, h], scores, acc,
             )  # fmt: skip
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def paged_prefill(q, k_cache, v_cache, block_table, context_len, scale, out):  # noqa: ANN001, ANN201
-    """Causal attention for n new tokens at the end of a context_len context; q/out (n, H, D)."""
+def paged_prefill(q, k_cache, v_cache, block_table, context_len, scale, window, out):  # noqa: ANN001, ANN201
+    """Causal attention for n new tokens at the end of a context_len context, each seeing its
+    last `window` positions (0: all); q/out (n, H, D)."""
     n, h_count = q.shape[0], q.shape[1]
     group = h_count // k_cache.shape[2]
     _check_tables(
@@ -119,7 +128,9 @@ def paged_prefill(q, k_cache, v_cache, block_table, context_len, scale, out):  #
         i = r // 2 if r % 2 == 0 else n - 1 - r // 2
         scores = np.empty(k_cache.shape[1], np.float32)
         acc = np.empty(q.shape[2], np.float32)
+        length = context_len - n + i + 1
+        first = max(length - window, 0) if window > 0 else 0
         _attend_one(
-            q[i, h], k_cache, v_cache, block_table, context_len - n + i + 1, h // group,
+            q[i, h], k_cache, v_cache, block_table, first, length, h // group,
             np.float32(scale), out[i, h], scores, acc,
         )  # fmt: skip

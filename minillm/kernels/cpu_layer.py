@@ -77,7 +77,7 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
     rope_heads(k, cos, sin, k_rot)
     store_kv_slots(k_rot, v, k_cache, v_cache, slots)
     attn = np.empty_like(q_rot)
-    paged_decode(q_rot, k_cache, v_cache, block_tables, context_lens, scale, attn)
+    paged_decode(q_rot, k_cache, v_cache, block_tables, context_lens, scale, 0, attn)
     x += _project(attn.reshape(b, num_heads * head_dim), wo, no_bias)
     # ---- feed-forward block (SwiGLU): x + W_down . (silu(W_gate.h) * W_up.h)
     rms_norm_rows(x, ffn_norm, eps, h)

@@ -1,7 +1,8 @@
-"""Numba kernels for the small per-token ops: RMSNorm, RoPE and SwiGLU's silu(gate) * up.
+"""Numba kernels for the small per-token ops: RMSNorm, RoPE, SwiGLU's silu(gate) * up and
+GeGLU's gelu(gate) * up (Gemma 3).
 
 Each reads and writes a few KB per token, so in decode they cost less than calling them does;
-they stay single-threaded except silu_mul (long prefills split its rows between threads).
+they stay single-threaded except the two gates (long prefills split their rows over threads).
 """
 
 from __future__ import annotations
@@ -45,3 +46,21 @@ def silu_mul_rows(gate, up, out):  # noqa: ANN001, ANN202
         for i in range(gate.shape[1]):
             g = gate[t, i]
             out[t, i] = g / (np.float32(1) + exp_f32(-g)) * up[t, i]
+
+
+_GELU_C = np.float32(0.7978845608028654)  # sqrt(2 / pi)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def gelu_tanh_mul_rows(gate, up, out):  # noqa: ANN001, ANN202
+    """out (T, f) = gelu(gate) * up with GELU's tanh approximation,
+    0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3); 1 + tanh(u) = 2 - 2 / (exp(2u) + 1),
+    written with exp_f32 so that the loop vectorizes; |u| is clipped at 15, where tanh is 1 in
+    float32, so that exp never overflows."""
+    for t in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            u = _GELU_C * (g + np.float32(0.044715) * g * g * g)
+            u = min(max(u, np.float32(-15)), np.float32(15))
+            one_plus_tanh = np.float32(2) - np.float32(2) / (exp_f32(np.float32(2) * u) + 1)
+            out[t, i] = np.float32(0.5) * g * one_plus_tanh * up[t, i]

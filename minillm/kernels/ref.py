@@ -69,6 +69,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GeGLU's gate (Gemma): gelu(gate) * up, GELU in its tanh approximation."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -108,17 +113,22 @@ def attention_prefill(
     block_table: torch.Tensor,
     context_len: int,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal attention for one sequence's n new tokens, which sit at the END of its context.
 
     q (n, H, D). Keys are the sequence's first context_len cached slots (a cached prefix and
-    earlier chunks included); token i (position context_len - n + i) sees keys 0..its position.
+    earlier chunks included); token i (position context_len - n + i) sees keys 0..its position,
+    or with a sliding `window` > 0 only the last `window` of them (itself included).
     """
     n = q.shape[0]
     k = gather_kv(k_cache, block_table, context_len)
     v = gather_kv(v_cache, block_table, context_len)
     q_pos = torch.arange(context_len - n, context_len)[:, None]
-    mask = torch.arange(context_len)[None, :] <= q_pos
+    key_pos = torch.arange(context_len)[None, :]
+    mask = key_pos <= q_pos
+    if window:
+        mask &= key_pos > q_pos - window
     return _attend(q[None], k[None], v[None], mask[None], scale)[0]
 
 
@@ -129,8 +139,10 @@ def attention_decode_paged(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """One new token per sequence attends to its whole context through its block table.
+    """One new token per sequence attends to its whole context through its block table, or
+    with a sliding `window` > 0 to its last `window` positions (itself included).
 
     q (B, H, D); block_tables (B, M) padded with any valid block id; context_lens (B,).
     """
@@ -138,5 +150,8 @@ def attention_decode_paged(
     bs = k_cache.shape[1]
     k = k_cache[block_tables].flatten(1, 2)  # (B, M*BS, KvH, D): ref gathers, kernels read in place
     v = v_cache[block_tables].flatten(1, 2)
-    mask = torch.arange(m * bs)[None, :] < context_lens[:, None]
+    key_pos = torch.arange(m * bs)[None, :]
+    mask = key_pos < context_lens[:, None]
+    if window:
+        mask &= key_pos >= context_lens[:, None] - window
     return _attend(q[:, None], k, v, mask[:, None, :], scale)[:, 0]

@@ -62,6 +62,11 @@ class LayerWeights:
     bk: QuantTensor | None = None
     bv: QuantTensor | None = None
     moe: MoEWeights | None = None  # the routed FFN of an MoE layer
+    # Gemma 3 (model/gemma3.py): RMSNorm weights of each head's q and k, and after attention/FFN
+    q_norm: QuantTensor | None = None
+    k_norm: QuantTensor | None = None
+    post_attn_norm: QuantTensor | None = None
+    post_ffn_norm: QuantTensor | None = None
 
 
 @dataclass
@@ -126,6 +131,11 @@ def load_gguf_weights(gguf: GGUFFile, config: ModelConfig) -> ModelWeights:
                 bq=t.get(p + "attn_q.bias"),
                 bk=t.get(p + "attn_k.bias"),
                 bv=t.get(p + "attn_v.bias"),
+                # Gemma 3's GGUF norms hold (1 + w) already (convert_hf_to_gguf adds the 1)
+                q_norm=t.get(p + "attn_q_norm.weight"),
+                k_norm=t.get(p + "attn_k_norm.weight"),
+                post_attn_norm=t.get(p + "post_attention_norm.weight"),
+                post_ffn_norm=t.get(p + "post_ffw_norm.weight"),
             )
         )
     return ModelWeights(
