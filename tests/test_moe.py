@@ -100,3 +100,47 @@ def test_bad_moe_configs_are_named():
         MoEConfig(
             num_experts=0, num_experts_per_tok=1, moe_intermediate_size=8, norm_topk_prob=True
         )
+
+
+def test_dense_only_paths_refuse_an_moe_model_by_name(tmp_path):
+    """Compression and export are written for dense MLPs: an MoE model gets a clear error
+    naming the limitation, not an AttributeError on a missing w_gate deep inside."""
+    from minillm.compress.awq import awq_scale_model
+    from minillm.compress.hf_export import hf_state_dict
+    from minillm.compress.prune import prune_model
+    from minillm.compress.quantize import quantize_model
+    from minillm.formats.gguf_write import gguf_tensors
+
+    path = make_tiny_moe_model(tmp_path / "m", "mixtral", 4, 2)
+    cfg = ModelConfig.from_hf_config(path / "config.json")
+    weights = load_hf_weights(path, cfg)
+    calls = {
+        "quantization": lambda: quantize_model(cfg, weights, "q8_0"),
+        "pruning": lambda: prune_model(weights, "magnitude", 0.5),
+        "AWQ": lambda: awq_scale_model(cfg, weights, [1, 2, 3]),
+        "HF export": lambda: hf_state_dict(cfg, weights),
+        "GGUF export": lambda: gguf_tensors(cfg, weights),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{what} supports dense models only.*layer 0"):
+            call()
+    dense = make_tiny_model(tmp_path / "d")
+    dense_cfg = ModelConfig.from_hf_config(dense / "config.json")
+    load_hf_weights(dense, dense_cfg).require_dense("quantization")  # no error
+
+
+def test_tp_sizes_of_an_all_moe_model_ignore_the_unused_dense_width(tmp_path):
+    """An all-MoE layer stack never uses intermediate_size, so it must not limit TP sizes; a
+    dense first layer (mlp_only_layers) makes it count again."""
+    from minillm.parallel.sizes import check_tp_size, valid_tp_sizes
+
+    all_moe = make_tiny_moe_model(tmp_path / "a", "qwen2_moe", 4, 2, intermediate_size=91)
+    cfg = ModelConfig.from_hf_config(all_moe / "config.json")
+    assert valid_tp_sizes(cfg) == [1, 2]  # heads 4, KV heads 2; 91 is not a constraint
+    check_tp_size(cfg, 2)
+    mixed = make_tiny_moe_model(
+        tmp_path / "m", "qwen2_moe", 4, 2, intermediate_size=91, mlp_only_layers=[0]
+    )
+    mixed_cfg = ModelConfig.from_hf_config(mixed / "config.json")
+    with pytest.raises(ValueError, match="intermediate_size=91"):
+        check_tp_size(mixed_cfg, 2)

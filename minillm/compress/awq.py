@@ -119,6 +119,7 @@ def awq_scale_model(
     Statistics (mean |x|) use all calibration tokens; the error of each alpha is measured on
     `search_tokens` of them, evenly spaced, to bound the cost.
     """
+    weights.require_dense("AWQ")
     acts = activations or capture_activations(config, weights, calibration)
     quantizer: Quantizer = lambda w: fake_quantize_int4(w, group_size)  # noqa: E731
     heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim

@@ -51,6 +51,7 @@ def hf_config_dict(config: ModelConfig, tokenizer: Any) -> dict[str, Any]:
 
 def hf_state_dict(config: ModelConfig, weights: ModelWeights) -> dict[str, torch.Tensor]:
     """ModelWeights (HF row order already) -> HF tensor names, dequantized to fp32."""
+    weights.require_dense("HF export")
 
     def t(q) -> torch.Tensor:  # noqa: ANN001 - QuantTensor
         return torch.from_numpy(np.array(q.dequantize(), dtype=np.float32))

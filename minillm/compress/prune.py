@@ -109,6 +109,7 @@ def prune_model(
     activations: Activations | None = None,
 ) -> ModelWeights:
     """Every linear layer of every block pruned (embeddings and the head are kept), fp32 out."""
+    weights.require_dense("pruning")
     if method.startswith("wanda") and activations is None:
         raise ValueError("Wanda needs calibration activations (compress.calibration)")
     layers = []

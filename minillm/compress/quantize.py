@@ -137,6 +137,7 @@ def quantize_model(
 
     `calibration` (token ids) is needed by the activation-aware methods (awq-*).
     """
+    weights.require_dense("quantization")
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {METHODS}")
     base = _storage_embeddings(weights)

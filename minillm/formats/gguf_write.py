@@ -235,6 +235,7 @@ def permute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 def gguf_tensors(config: ModelConfig, weights: Any) -> dict[str, QuantTensor]:
     """ModelWeights -> GGUF tensor names, Q/K rows permuted back for llama."""
+    weights.require_dense("GGUF export")
 
     def qk(t: QuantTensor, n_head: int) -> QuantTensor:
         return t.take_rows(permute_rows(t.shape[0], n_head)) if config.arch == "llama" else t

@@ -87,6 +87,16 @@ class ModelWeights:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.all_tensors())
 
+    def require_dense(self, what: str) -> None:
+        """Refuse a mixture-of-experts model by name in code written for dense MLPs only (the
+        compression and export paths), instead of failing later on a missing w_gate."""
+        moe = [i for i, layer in enumerate(self.layers) if layer.moe is not None]
+        if moe:
+            raise ValueError(
+                f"{what} supports dense models only; this model has mixture-of-experts layers "
+                f"({len(moe)} of {len(self.layers)}, first: layer {moe[0]})"
+            )
+
 
 def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     """Row order that undoes llama.cpp's Q/K permutation (convert_hf_to_gguf.py `permute`).

@@ -12,9 +12,16 @@ import math
 from minillm.config import ModelConfig
 
 
+def _has_dense_mlp(config: ModelConfig) -> bool:
+    """Whether some layer has a dense MLP (an all-MoE model never uses intermediate_size)."""
+    return config.moe is None or bool(config.moe.dense_layers)
+
+
 def valid_tp_sizes(config: ModelConfig) -> list[int]:
     """Every tensor_parallel_size this model can be split into, ascending."""
-    g = math.gcd(config.num_heads, config.num_kv_heads, config.intermediate_size)
+    g = math.gcd(config.num_heads, config.num_kv_heads)
+    if _has_dense_mlp(config):
+        g = math.gcd(g, config.intermediate_size)
     return [n for n in range(1, g + 1) if g % n == 0]
 
 
@@ -23,15 +30,10 @@ def check_tp_size(config: ModelConfig, tensor_parallel_size: int) -> None:
     tp = tensor_parallel_size
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
-    bad = [
-        f"{name}={value}"
-        for name, value in (
-            ("num_heads", config.num_heads),
-            ("num_kv_heads", config.num_kv_heads),
-            ("intermediate_size", config.intermediate_size),
-        )
-        if value % tp
-    ]
+    split = [("num_heads", config.num_heads), ("num_kv_heads", config.num_kv_heads)]
+    if _has_dense_mlp(config):
+        split.append(("intermediate_size", config.intermediate_size))
+    bad = [f"{name}={value}" for name, value in split if value % tp]
     if bad:
         sizes = ", ".join(str(n) for n in valid_tp_sizes(config))
         raise ValueError(
