@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)  # fmt: skip
         try:
             demo.block_thread()
+        except KeyboardInterrupt:
+            print("stopping the arena, the gateway and the upstreams", flush=True)
         finally:
             demo.close()
     finally:
