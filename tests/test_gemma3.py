@@ -226,3 +226,14 @@ def test_all_global_layers_change_the_answer_past_the_window(models):
     finally:
         model.options = opts
     assert (windowed - everything).abs().max() > 0.05
+
+
+def test_minillm_run_continues_a_chinese_prompt(gemma3_gguf_path, capsys):
+    """A base model with no chat template (and no ChatML tokens) continues the text as is."""
+    from minillm.cli import main
+
+    args = ["run", "gemma3-270m", "--backend", "cpu", "--temperature", "0", "--max-tokens", "8"]
+    assert main([*args, "北京是中国的"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("首都，也是中国"), out[:80]
+    assert "<|im_start|>" not in out
