@@ -5,9 +5,11 @@ How it works
   in the kernel of the environment pytest runs in; this plugin switches that on, so no flags
   are needed. Every code cell becomes one test item, all run in one kernel, in order.
 - A grader cell starts with a marker line `# GRADE: <part> (<n> points)`. The plugin gives that
-  item a `points(n)` marker. Ordinary pytest tests in homework/ may carry
+  item a `points(n)` marker. A part marked `(<n> points, by hand)` (hw3's paper notes) is only
+  checked for presence here and earns nothing: the instructor gives its points with a rubric. Ordinary pytest tests in homework/ may carry
   `@pytest.mark.points(n)` directly; their part name is the test's name.
-- A part earns its points when its item passes. At the end a table of parts and the total,
+- A part earns its points when its item passes. This grades the notebook as it is, graders
+  included; the instructor grades with `minillm grade`, which restores the released graders. At the end a table of parts and the total,
   e.g. `hw3_compression: 14/20 points`, is printed per assignment folder.
 - With MINILLM_GRADE_JSON=<path>, the results (every item, graded or not, with the name of the
   exception that failed it) are also written as JSON; the course's own tests use this to prove
@@ -19,17 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 
-GRADE_LINE = re.compile(r"^\s*#\s*GRADE\b.*$", re.MULTILINE)
-GRADE_MARKER = re.compile(
-    r"^\s*#\s*GRADE:\s*(?P<part>[A-Za-z0-9_.-]+)\s*\((?P<points>\d+)\s*points?\)\s*$"
-)
+from minillm.grading import markers
+
 HOMEWORK_ROOT = Path(__file__).resolve().parent
 GRADE_JSON_ENV = "MINILLM_GRADE_JSON"
 
@@ -44,28 +43,17 @@ class Result:
     points: int
     outcome: str = "not run"  # passed | failed | skipped | not run
     error: str | None = None  # exception class name when failed, e.g. "NotImplementedError"
+    by_hand: bool = False  # the instructor gives the points; passing only means "present"
 
     @property
     def earned(self) -> int:
-        return self.points if self.outcome == "passed" else 0
+        return self.points if self.outcome == "passed" and not self.by_hand else 0
 
 
 def parse_grade_marker(source: str) -> tuple[str, int] | None:
-    """Return (part, points) for a grader cell, None for other cells.
-
-    A line that mentions GRADE but does not follow the format is an authoring mistake, and
-    silently treating the cell as ungraded would hide points, so it raises.
-    """
-    line = GRADE_LINE.search(source)
-    if line is None:
-        return None
-    match = GRADE_MARKER.match(line.group(0))
-    if match is None:
-        raise ValueError(
-            f"malformed grade marker {line.group(0).strip()!r}; "
-            "expected '# GRADE: part_name (N points)'"
-        )
-    return match["part"], int(match["points"])
+    """Return (part, points) for a grader cell, None for other cells (raises if malformed)."""
+    part = markers.parse_grade_marker(source)
+    return None if part is None else (part.name, part.points)
 
 
 def assignment_of(path: Path) -> str:
@@ -97,14 +85,14 @@ class Gradebook:
             if HOMEWORK_ROOT not in item.path.resolve().parents:
                 continue
             cell = getattr(item, "cell", None)
-            part, points = None, 0
+            part, points, by_hand = None, 0, False
             if cell is not None:
                 try:
-                    marker = parse_grade_marker(cell.source)
+                    marker = markers.parse_grade_marker(cell.source)
                 except ValueError as exc:
                     raise pytest.UsageError(f"{item.nodeid}: {exc}") from exc
                 if marker is not None:
-                    part, points = marker
+                    part, points, by_hand = marker.name, marker.points, marker.by_hand
                     item.add_marker(pytest.mark.points(points))
             else:
                 mark = item.get_closest_marker("points")
@@ -119,7 +107,9 @@ class Gradebook:
                         f"(also {seen[key]})"
                     )
                 seen[key] = item.nodeid
-            self.results[item.nodeid] = Result(assignment, item.nodeid, part, points)
+            self.results[item.nodeid] = Result(
+                assignment, item.nodeid, part, points, by_hand=by_hand
+            )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
@@ -154,10 +144,17 @@ class Gradebook:
             width = max(len(r.part) for r in parts)
             for r in parts:
                 why = r.outcome if r.error is None else f"{r.outcome} ({r.error})"
-                write(f"  {r.part:<{width}}  {r.earned:>3}/{r.points:<3} {why}")
+                if r.by_hand:
+                    state = "present" if r.outcome == "passed" else f"missing ({why})"
+                    write(f"  {r.part:<{width}}    -/{r.points:<3} by hand, {state}")
+                else:
+                    write(f"  {r.part:<{width}}  {r.earned:>3}/{r.points:<3} {why}")
             earned = sum(r.earned for r in parts)
-            total = sum(r.points for r in parts)
+            total = sum(r.points for r in parts if not r.by_hand)
             write(f"{assignment}: {earned}/{total} points")
+            hand = sum(r.points for r in parts if r.by_hand)
+            if hand:
+                write(f"  (+ up to {hand} points by hand: the instructor applies the rubric)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -715,6 +715,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from minillm.gateway.cli import register as register_gateway
 
     register_gateway(sub)
+    from minillm.grading.command import register as register_grade
+
+    register_grade(sub)
     return parser, dict(sub.choices)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import nbformat
 
+from minillm.grading.markers import stamp_release
+
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
 CODE_STUB = "raise NotImplementedError  # TODO: 你的实现 (your implementation)"
@@ -58,10 +60,22 @@ def strip_solutions(text: str, stub: str, where: str = "<text>") -> str:
     return result
 
 
-def student_notebook(text: str, where: str = "<notebook>") -> str:
-    """The student copy of a notebook (JSON text in, JSON text out)."""
-    nb = nbformat.reads(text, as_version=4)
-    nb = copy.deepcopy(nb)
+def student_notebook(text: str, where: str = "<notebook>", assignment: str | None = None) -> str:
+    """The student copy of a notebook (JSON text in, JSON text out).
+
+    With `assignment` (homework), the copy is a release `minillm grade` grades against: every
+    cell must have a stable nbformat 4.5 id, and grader and answer cells get their metadata
+    (minillm/grading/markers.py).
+    """
+    source = nbformat.reads(text, as_version=4)
+    nb = copy.deepcopy(source)
+    if assignment is not None:
+        missing = [i for i, cell in enumerate(nb.cells) if not cell.get("id")]
+        if missing or (nb.nbformat, nb.nbformat_minor) < (4, 5):
+            raise ValueError(
+                f"{where}: cells {missing} have no id (nbformat >= 4.5 is needed for grading); "
+                "run python scripts/make_student_copies.py to add them"
+            )
     for index, cell in enumerate(nb.cells):
         here = f"{where} cell {index}"
         if cell.cell_type == "code":
@@ -71,13 +85,42 @@ def student_notebook(text: str, where: str = "<notebook>") -> str:
         else:
             cell.source = strip_solutions(cell.source, TEXT_STUB, here)
         cell.metadata.pop("execution", None)
+    if assignment is not None:
+        try:
+            stamp_release(nb, source.cells, assignment)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
     return nbformat.writes(nb) + "\n"
 
 
-def student_file(path: Path, where: str) -> bytes:
+def add_missing_ids(source: Path) -> list[Path]:
+    """Give every cell of the notebooks under `source` an id, written back (ids must be stable)."""
+    changed = []
+    for path in sorted(source.rglob("*.ipynb")):
+        if SKIPPED_DIRS.intersection(path.relative_to(source).parts):
+            continue
+        nb = nbformat.read(path, as_version=4)
+        taken = {cell.get("id") for cell in nb.cells}
+        if all(taken) and (nb.nbformat, nb.nbformat_minor) >= (4, 5):
+            continue
+        nb.nbformat_minor = max(nb.nbformat_minor, 5)
+        for index, cell in enumerate(nb.cells):
+            if not cell.get("id"):
+                candidate, n = f"{path.stem[:12]}-{index:02d}", 0
+                while candidate in taken:
+                    n += 1
+                    candidate = f"{path.stem[:12]}-{index:02d}-{n}"
+                cell["id"] = candidate
+                taken.add(candidate)
+        nbformat.write(nb, path)
+        changed.append(path)
+    return changed
+
+
+def student_file(path: Path, where: str, assignment: str | None = None) -> bytes:
     """The student copy of one source file, as bytes."""
     if path.suffix == ".ipynb":
-        return student_notebook(path.read_text("utf-8"), where).encode("utf-8")
+        return student_notebook(path.read_text("utf-8"), where, assignment).encode("utf-8")
     if path.suffix in CODE_SUFFIXES:
         return strip_solutions(path.read_text("utf-8"), CODE_STUB, where).encode("utf-8")
     if path.suffix in TEXT_SUFFIXES:
@@ -100,7 +143,8 @@ def expected_copies(homework: Path) -> dict[Path, bytes]:
     for assignment in sorted(p for p in source.iterdir() if p.is_dir()):
         for path in _files(assignment):
             relative = path.relative_to(source)
-            expected[relative] = student_file(path, f"homework/source/{relative}")
+            where = f"homework/source/{relative}"
+            expected[relative] = student_file(path, where, assignment=assignment.name)
     return expected
 
 
@@ -143,6 +187,9 @@ def main(argv: list[str] | None = None, print_: Callable[[str], None] = print) -
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if out of date")
     parser.add_argument("--homework", type=Path, default=REPO_ROOT / "homework")
     args = parser.parse_args(argv)
+    if not args.check:
+        for path in add_missing_ids(args.homework / "source"):
+            print_(f"added cell ids to {path}")
     expected = expected_copies(args.homework)
     if args.check:
         problems = find_problems(args.homework, expected)
