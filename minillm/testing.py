@@ -214,3 +214,43 @@ def slowed_steps(engine: Any, seconds: float = 0.01) -> Iterator[None]:
         yield
     finally:
         engine.step = real_step
+
+
+def spawned_children() -> set[int]:
+    """This process's multiprocessing 'spawn' children, at any depth (the resource tracker is
+    not one): what a parallel run starts and must stop. Needs psutil (a dev dependency)."""
+    import psutil
+
+    out = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                out.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@contextmanager
+def no_leftover_workers() -> Iterator[None]:
+    """Fail if the block leaves a spawned worker or an initialized torch.distributed group
+    behind. Survivors are killed and the group destroyed before the check, so one failure does
+    not spill into the next test."""
+    import psutil
+    import torch.distributed as dist
+
+    before = spawned_children()
+    try:
+        yield
+    finally:
+        left = spawned_children() - before
+        for pid in left:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        initialized = dist.is_available() and dist.is_initialized()
+        if initialized:
+            dist.destroy_process_group()
+    assert not left, f"worker processes left behind: {sorted(left)}"
+    assert not initialized, "the torch.distributed process group was left initialized"

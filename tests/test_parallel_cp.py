@@ -13,7 +13,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,39 +37,16 @@ from minillm.parallel.ring_attention import (
     ring_attention,
     ring_bytes_per_layer,
 )
-from minillm.testing import make_tiny_model
+from minillm.testing import make_tiny_model, no_leftover_workers
 
 TIMEOUT_S = 60.0  # bounds each point-to-point wait; a failure, never a pass, depends on it
 
 
-def _spawned_children() -> set[int]:
-    """Our multiprocessing 'spawn' children (the resource tracker is not one of them)."""
-    out = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                out.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
-    """Every test must leave no worker and no process group behind (survivors are killed
-    after the check, so one failure does not spill into the next test)."""
-    before = _spawned_children()
-    try:
+    """Every test must leave no worker and no process group behind."""
+    with no_leftover_workers():
         yield
-    finally:
-        left = _spawned_children() - before
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        initialized = dist.is_initialized()
-        if initialized:
-            dist.destroy_process_group()
-    assert not left, f"worker processes left behind: {sorted(left)}"
-    assert not initialized, "the process group was left initialized"
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

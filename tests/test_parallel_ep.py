@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -25,31 +24,21 @@ from minillm.parallel.ep_moe import (
     valid_ep_sizes,
 )
 from minillm.parallel.ep_run import expert_parallel_layer
-from minillm.testing import make_tiny_model, make_tiny_moe_model
+from minillm.testing import (
+    make_tiny_model,
+    make_tiny_moe_model,
+    no_leftover_workers,
+    spawned_children,
+)
 
 # 6 heads, 6 KV heads, 6 experts: splits over 2 and 3 ranks
 SPLITS_2_AND_3 = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6, head_dim=16)
 
 
-def _spawned_children() -> set[int]:
-    out = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                out.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
-    before = _spawned_children()
-    yield
-    left = _spawned_children() - before
-    for pid in left:  # killed after the check, so one failure does not spill over
-        psutil.Process(pid).kill()
-    assert not left, f"worker processes left behind: {sorted(left)}"
+    with no_leftover_workers():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +110,10 @@ def test_sizes_that_do_not_divide_are_refused_with_the_ones_that_do(models, tmp_
     assert valid_ep_sizes(cfg) == [1, 2, 3, 6]
     with pytest.raises(ValueError, match=r"num_experts=6.*use one of: 1, 2, 3, 6"):
         check_expert_parallel(cfg, 4)
-    before = _spawned_children()
+    before = spawned_children()
     with pytest.raises(ValueError, match="use one of: 1, 2, 3, 6"):
         expert_parallel_layer(models["mixtral"], 0, torch.randn(2, 96), 4)
-    assert _spawned_children() == before  # refused before anything was spawned
+    assert spawned_children() == before  # refused before anything was spawned
     dense = ModelConfig.from_hf_config(make_tiny_model(tmp_path / "dense") / "config.json")
     with pytest.raises(ValueError, match="needs a mixture-of-experts model.*dense"):
         check_expert_parallel(dense, 2)
@@ -171,7 +160,7 @@ def test_llm_expert_parallel_matches_one_process(models, monkeypatch, tp, ep):
 
 
 def test_llm_refuses_bad_expert_parallel_sizes_before_spawning(models, tmp_path):
-    before = _spawned_children()
+    before = spawned_children()
     with pytest.raises(ValueError, match="use one of: 1, 2, 3, 6"):
         LLM(
             str(models["mixtral"]),
@@ -183,4 +172,4 @@ def test_llm_refuses_bad_expert_parallel_sizes_before_spawning(models, tmp_path)
     for tp in (1, 2):
         with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
             LLM(str(dense), backend="ref", tensor_parallel_size=tp, enable_expert_parallel=True)
-    assert _spawned_children() == before
+    assert spawned_children() == before

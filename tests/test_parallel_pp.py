@@ -21,7 +21,7 @@ from minillm.parallel import traffic
 from minillm.parallel.executor import ParallelExecutor
 from minillm.parallel.pipeline import bubble_formula, split_schedule
 from minillm.parallel.sizes import stage_layers
-from minillm.testing import make_tiny_model
+from minillm.testing import make_tiny_model, spawned_children
 
 PROMPTS = [
     "Pipeline parallelism gives every stage a few layers of the model.",  # > 1 chunk of 8
@@ -44,23 +44,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {a: make_tiny_model(root / a, a, seed=1, **shape) for a in ("llama", "qwen2")}
 
 
-def _spawned_children() -> set[int]:
-    out = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                out.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.fixture
 def make_llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., LLM]]:
     """A parallel LLM whose workers are shut down (any survivor killed) after the test."""
     monkeypatch.setenv("MINILLM_TP_TIMEOUT_S", "60")
     executors: list[ParallelExecutor] = []
-    before = _spawned_children()
+    before = spawned_children()
 
     def make(path: Path, **kwargs: object) -> LLM:
         llm = LLM(str(path), **kwargs)
@@ -73,7 +62,7 @@ def make_llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., LLM]]:
         pids = [p for ex in executors for p in ex.worker_pids]
         for ex in executors:
             ex.shutdown()
-        for pid in _spawned_children() - before:
+        for pid in spawned_children() - before:
             os.kill(pid, signal.SIGKILL)
         assert not any(
             psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
@@ -183,9 +172,9 @@ def test_the_bundled_model_in_two_stages_matches_one_process(
 def test_more_stages_than_layers_is_refused_before_any_worker_starts(
     models: dict[str, Path],
 ) -> None:
-    before = _spawned_children()
+    before = spawned_children()
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 exceeds .* 4 layers.*1 to 4"):
         LLM(str(models["llama"]), backend="ref", pipeline_parallel_size=5)
     with pytest.raises(ValueError, match="positive integer"):
         LLM(str(models["llama"]), backend="ref", pipeline_parallel_size=0)
-    assert _spawned_children() == before
+    assert spawned_children() == before

@@ -31,7 +31,7 @@ from minillm.parallel import traffic
 from minillm.parallel.executor import ParallelExecutor
 from minillm.parallel.shard import column_split_reason, columns, shard_weights, vocab_rows
 from minillm.parallel.sizes import check_tp_size, valid_tp_sizes
-from minillm.testing import make_tiny_model
+from minillm.testing import make_tiny_model, spawned_children
 
 DEADLINE_S = 120.0  # generous: a loaded 2-core machine takes seconds to spawn a worker
 PROMPTS = [
@@ -57,18 +57,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: _make_model(root / arch, arch) for arch in ("llama", "qwen2")}
 
 
-def _spawned_children() -> set[int]:
-    """Our multiprocessing 'spawn' children (the resource tracker is not one of them)."""
-    out = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                out.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -86,7 +74,7 @@ def make_tp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., LLM]]:
     and any survivor killed. Only the executors are kept, so a test can drop its LLM."""
     monkeypatch.setenv("MINILLM_TP_TIMEOUT_S", "60")  # well inside DEADLINE_S
     executors: list[ParallelExecutor] = []
-    before = _spawned_children()
+    before = spawned_children()
 
     def make(path: Path, tp: int, backend: str = "ref", **kwargs: object) -> LLM:
         llm = LLM(str(path), backend=backend, tensor_parallel_size=tp, **kwargs)
@@ -101,7 +89,7 @@ def make_tp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., LLM]]:
                 if _running(pid):
                     os.kill(pid, signal.SIGCONT)
             ex.shutdown()
-        for pid in _spawned_children() - before:
+        for pid in spawned_children() - before:
             os.kill(pid, signal.SIGKILL)
 
 
@@ -145,14 +133,14 @@ def test_sizes_that_do_not_divide_are_refused_with_the_ones_that_do() -> None:
 
 
 def test_llm_refuses_a_bad_size_before_starting_any_worker(models: dict[str, Path]) -> None:
-    before = _spawned_children()
+    before = spawned_children()
     with pytest.raises(ValueError, match=r"tensor_parallel_size=4 .*one of: 1, 2, 3, 6$"):
         LLM(str(models["llama"]), backend="ref", tensor_parallel_size=4)
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=3 exceeds .* 2 layers"):
         LLM(str(models["llama"]), backend="cpu", pipeline_parallel_size=3)
     with pytest.raises(ValueError, match="positive integer"):
         LLM(str(models["llama"]), backend="ref", tensor_parallel_size=0)
-    assert _spawned_children() == before
+    assert spawned_children() == before
 
 
 # ---------------------------------------------------------------------------------- shards
@@ -251,7 +239,7 @@ def test_tensor_parallel_matches_one_process(
 def test_workers_end_with_close_with_a_with_block_and_with_the_llm(
     models: dict[str, Path], make_tp: Callable[..., LLM]
 ) -> None:
-    before = _spawned_children()
+    before = spawned_children()
     with make_tp(models["llama"], 2) as llm:
         pids = _executor(llm).worker_pids
         llm.generate("The quick brown fox", SamplingParams(max_tokens=2))
@@ -264,7 +252,7 @@ def test_workers_end_with_close_with_a_with_block_and_with_the_llm(
     del llm
     gc.collect()  # dropping the last reference shuts the workers down (weakref.finalize)
     assert not any(_running(p) for p in pids)
-    assert _spawned_children() == before
+    assert spawned_children() == before
 
 
 def test_a_worker_killed_between_steps_is_a_clear_error(
