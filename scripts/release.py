@@ -17,14 +17,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_lesson_copies  # noqa: E402
 import make_student_copies  # noqa: E402
 
 REPO_ROOT = make_student_copies.REPO_ROOT
-INSTRUCTOR_ONLY_DIRS = ("homework/source/",)
+INSTRUCTOR_ONLY_DIRS = ("homework/source/", "lessons/source/")
 INSTRUCTOR_ONLY_FILES = {
+    "scripts/make_lesson_copies.py",
     "scripts/make_student_copies.py",
     "scripts/release.py",
     "tests/test_homework_machinery.py",
+    "tests/test_lesson_exercises.py",
 }
 MARKERS = (make_student_copies.BEGIN.encode(), make_student_copies.END.encode())
 
@@ -56,6 +59,10 @@ def release(outdir: Path, repo: Path = REPO_ROOT) -> list[str]:
     homework = repo / "homework"
     problems = make_student_copies.find_problems(
         homework, make_student_copies.expected_copies(homework)
+    )
+    lessons = repo / "lessons"
+    problems += make_lesson_copies.find_problems(
+        lessons, make_lesson_copies.expected_lessons(lessons)
     )
     if problems:
         raise RuntimeError(
