@@ -10,6 +10,9 @@ cleared. Other files are copied as they are.
 
     python scripts/make_student_copies.py           # (re)write the copies
     python scripts/make_student_copies.py --check   # exit 1 if any copy is out of date
+
+From the command line it also (re)writes or checks the lessons' copies, lessons/source/ ->
+lessons/, through scripts/make_lesson_copies.py, which builds on this module.
 """
 
 from __future__ import annotations
@@ -208,4 +211,7 @@ def main(argv: list[str] | None = None, print_: Callable[[str], None] = print) -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import make_lesson_copies  # the lessons' copies (lessons/source/ -> lessons/) reuse this module
+
+    lesson_args = ["--check"] if "--check" in sys.argv[1:] else []
+    sys.exit(max(main(), make_lesson_copies.main(lesson_args)))
