@@ -27,6 +27,8 @@ INSTRUCTOR_ONLY_FILES = {
     "scripts/make_student_copies.py",
     "scripts/release.py",
     "tests/test_homework_machinery.py",
+    "tests/test_grading.py",  # builds a demo release with make_student_copies.py
+    "tests/test_grading_homework.py",  # grades the sources; its mutants quote the solutions
     "tests/test_lesson_exercises.py",
 }
 MARKERS = (make_student_copies.BEGIN.encode(), make_student_copies.END.encode())
