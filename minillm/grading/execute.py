@@ -58,6 +58,7 @@ def _client(nb: Any, workdir: Path, timeout_of: Callable[[Any], float]) -> Noteb
         interrupt_on_timeout=False,
         kernel_name="python3",
         record_timing=False,
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not the loopback TCP warning
         resources={"metadata": {"path": str(workdir)}},
     )
 
