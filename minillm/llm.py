@@ -90,6 +90,8 @@ class LLM:
                     max_model_len=max_model_len,
                     enable_prefix_caching=enable_prefix_caching,
                     enable_chunked_prefill=enable_chunked_prefill,
+                    # a parallel worker allocates one array per layer: no shared KV groups
+                    free_out_of_window=self.executor is None,
                 ),
             )
             if self.executor is not None:

@@ -28,6 +28,8 @@ from minillm.engine.scheduler import SampledToken, ScheduledBatch, Scheduler, Sc
 from minillm.engine.sequence import Sequence
 from minillm.kv.block_manager import BlockManager
 from minillm.kv.cache import KVCache, parse_size
+from minillm.kv.hybrid_block_manager import HybridBlockManager
+from minillm.kv.layout import layout_for_windows, single_group
 from minillm.model.llama import LlamaModel
 from minillm.model.pooling import embed
 from minillm.sampling import Sampler, SamplingContext, SamplingParams, make_generator
@@ -55,6 +57,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # sliding-window layers (Gemma 3) get their own block tables and give back the blocks that
+    # fell behind their window (kv/hybrid_block_manager.py); False: one table for every layer
+    free_out_of_window: bool = True
 
 
 class LLMEngine:
@@ -64,8 +69,14 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         mc = model.config
+        windows = getattr(model, "layer_windows", None)
+        layout = (
+            layout_for_windows(windows)
+            if windows and config.free_out_of_window
+            else single_group(mc.num_layers)
+        )
         per_block = KVCache.bytes_per_block(
-            mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim
+            layout.page_layers, config.block_size, mc.num_kv_heads, mc.head_dim
         )
         num_blocks = config.num_kv_blocks or parse_size(config.kv_cache_memory) // per_block
         if num_blocks < 2:
@@ -73,7 +84,8 @@ class LLMEngine:
                 f"kv_cache_memory={config.kv_cache_memory!r} holds {num_blocks} "
                 f"blocks of {per_block} bytes; need at least 2"
             )
-        capacity = num_blocks * config.block_size
+        # a whole prompt computed in one step holds every group's blocks for all its tokens
+        capacity = num_blocks // layout.num_groups * config.block_size
         max_len = config.max_model_len or min(mc.max_position_embeddings, capacity)
         if max_len > mc.max_position_embeddings:
             raise ValueError(
@@ -89,10 +101,20 @@ class LLMEngine:
         self.max_model_len = max_len
         # the backend allocates the cache where its kernels read it (host memory, or the GPU)
         self.kv_cache = KVCache(
-            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, model.ops
+            mc.num_layers,
+            num_blocks,
+            config.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            model.ops,
+            layout,
         )
-        self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+        self.block_manager = (
+            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+            if layout.num_groups == 1
+            else HybridBlockManager(
+                num_blocks, config.block_size, layout.group_windows, config.enable_prefix_caching
+            )
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

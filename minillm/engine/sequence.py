@@ -43,6 +43,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    # tables of KV groups 1.. (kv/hybrid_block_manager.py: Gemma 3's window layers); [] for Llama
+    group_block_tables: list[list[int]] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)

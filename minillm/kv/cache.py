@@ -1,5 +1,9 @@
 """KV storage: one (num_blocks, block_size, KvH, D) array per layer for K and one for V.
 
+With several KV groups (kv/layout.py: Gemma 3's window and global layers) the arrays are
+shared: `layout.page_layers` arrays each for K and V, layer l using array layout.layer_array[l]
+through its own group's block ids, so a block is one page of page_layers layers.
+
 The engine sizes it from a memory budget, like vLLM's gpu_memory_utilization: whatever the
 budget holds becomes blocks, and the block manager hands them out. The *backend* allocates the
 arrays (``ops.allocate_kv_cache``) where its kernels read them: torch tensors in host memory for
@@ -12,6 +16,8 @@ import re
 from typing import Any
 
 import torch
+
+from minillm.kv.layout import KVLayout, single_group
 
 _UNITS = {
     "": 1,
@@ -79,16 +85,26 @@ class KVCache:
         num_kv_heads: int,
         head_dim: int,
         ops: Any = None,
+        layout: KVLayout | None = None,
     ) -> None:
+        self.layout = layout or single_group(num_layers)
+        if self.layout.num_layers != num_layers:
+            raise ValueError(
+                f"KV layout for {self.layout.num_layers} layers, model has {num_layers}"
+            )
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         allocate = getattr(ops, "allocate_kv_cache", host_kv_cache)
         self._copy = getattr(ops, "copy_kv_blocks", copy_host_kv_blocks)
         self._read = getattr(ops, "read_kv_slots", read_host_kv_slots)
         self._write = getattr(ops, "write_kv_slots", write_host_kv_slots)
-        self.k = [allocate(shape) for _ in range(num_layers)]
-        self.v = [allocate(shape) for _ in range(num_layers)]
+        arrays = self.layout.page_layers
+        k = [allocate(shape) for _ in range(arrays)]
+        v = [allocate(shape) for _ in range(arrays)]
+        self.k = [k[a] for a in self.layout.layer_array]  # one entry per layer, maybe shared
+        self.v = [v[a] for a in self.layout.layer_array]
+        self._arrays = k + v
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
-        self._per_block = self.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim)
+        self._per_block = self.bytes_per_block(arrays, block_size, num_kv_heads, head_dim)
 
     @classmethod
     def bytes_per_block(
@@ -103,16 +119,27 @@ class KVCache:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate src blocks into dst blocks in every layer."""
         if pairs:
-            self._copy(self.k + self.v, [s for s, _ in pairs], [d for _, d in pairs])
+            self._copy(self._arrays, [s for s, _ in pairs], [d for _, d in pairs])
 
     def read_slots(self, slots: list[int]) -> torch.Tensor:
         """K and V of the given token slots in every layer, as a host float32 tensor
         (2, num_layers, len(slots), KvH, D): what a prefill server sends (engine/prefilled.py)."""
+        self._one_group("read_slots")
         data = self._read(self.k + self.v, torch.tensor(slots, dtype=torch.long))
         return data.view(2, self.num_layers, *data.shape[1:])
 
     def write_slots(self, slots: list[int], data: torch.Tensor) -> None:
         """Write K/V shaped like read_slots' result into the given token slots (through the
         backend, so a device cache is written where its kernels read it)."""
+        self._one_group("write_slots")
         flat = data.reshape(2 * self.num_layers, *data.shape[2:])
         self._write(self.k + self.v, torch.tensor(slots, dtype=torch.long), flat)
+
+    def _one_group(self, what: str) -> None:
+        """Slots name one block table: with several KV groups each group has its own."""
+        if self.layout.num_groups > 1:
+            raise ValueError(
+                f"KVCache.{what}: a cache with {self.layout.num_groups} KV groups (sliding-window "
+                "layers freeing blocks) has no single slot list; run the engine with "
+                "free_out_of_window=False for prefill/decode disaggregation"
+            )

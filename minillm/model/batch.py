@@ -6,7 +6,7 @@ attention is one batched paged call and each prefill chunk is one causal call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,15 @@ class ForwardBatch:
     decode_context_lens: torch.Tensor  # (num_decode,) int64
     prefills: list[PrefillChunk]
     logits_rows: torch.Tensor  # (S,) rows whose next-token logits are needed
+    # KV groups (kv/layout.py): group g's view of this batch (its slots and block tables) for
+    # g >= 1, and each layer's group; empty when every layer shares one block table
+    group_batches: list[ForwardBatch] = field(default_factory=list)
+    layer_group: tuple[int, ...] = ()
+
+    def for_layer(self, layer: int) -> ForwardBatch:
+        """The batch as `layer` must see it: its own group's slots and block tables."""
+        g = self.layer_group[layer] if self.layer_group else 0
+        return self if g == 0 else self.group_batches[g - 1]
 
     @property
     def num_tokens(self) -> int:

@@ -65,6 +65,8 @@ class Gemma3Model(LlamaModel):
         # HF multiplies in the weights' dtype: sqrt(d) rounded to float32 is the reference
         self.embed_scale = float(torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32))
         self.fused_decode = False
+        # each layer's window (0: global), from which the engine groups the KV (kv/layout.py)
+        self.layer_windows = [opts.window(i) for i in range(config.num_layers)]
 
     def _embed(self, batch: ForwardBatch) -> torch.Tensor:
         return self.ops.embedding(batch.token_ids, self.embed) * self.embed_scale
@@ -91,8 +93,9 @@ class Gemma3Model(LlamaModel):
             v = ops.linear(h, layer.wv).reshape(t, cfg.num_kv_heads, cfg.head_dim)
             q = ops.rope(ops.rms_norm(q, layer.q_norm, eps), cos, sin)
             k = ops.rope(ops.rms_norm(k, layer.k_norm, eps), cos, sin)
-            ops.store_kv(k, v, kc, vc, batch.slot_mapping)
-            attn = self._windowed_attention(q, kc, vc, batch, window)  # (T, H, D)
+            view = batch.for_layer(i)  # its KV group's slots and block tables
+            ops.store_kv(k, v, kc, vc, view.slot_mapping)
+            attn = self._windowed_attention(q, kc, vc, view, window)  # (T, H, D)
             out = ops.linear(attn.reshape(t, -1), layer.wo)
             x = x + ops.rms_norm(out, layer.post_attn_norm, eps)
             # ---- feed-forward (GeGLU): x + norm(W_down · (gelu(W_gate·h) * W_up·h))
