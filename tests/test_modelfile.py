@@ -213,6 +213,25 @@ def test_create_errors(tmp_path, tiny_dir):
         create_model("x", tmp_path / "missing")
 
 
+@pytest.mark.parametrize(
+    ("name", "owner"),
+    [
+        ("gemma3-270m", "gemma3-270m"),
+        ("gemma3:270m", "gemma3-270m"),
+        ("Gemma3", "gemma3-270m"),
+        ("smollm2", "smollm2:135m"),
+        ("smollm2:latest", "smollm2:135m"),
+    ],
+)
+def test_create_refuses_a_bundled_models_name(tmp_path, tiny_dir, capsys, name, owner):
+    """A created model named like a bundled one would hide it: refused, nothing registered."""
+    with pytest.raises(ValueError, match=f"{name!r} is a name of the bundled model {owner}"):
+        create_model(name, write(tmp_path, f"FROM {tiny_dir}\n"))
+    assert main(["create", name, "-f", str(write(tmp_path, f"FROM {tiny_dir}\n"))]) == 1
+    assert f"bundled model {owner}" in capsys.readouterr().err
+    assert load_profile(name) is None
+
+
 def test_cli_create_show_and_errors(tmp_path, tiny_dir, capsys):
     good = write(
         tmp_path,

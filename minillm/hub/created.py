@@ -16,7 +16,7 @@ from pathlib import Path
 
 from minillm.formats.gguf import GGUFError
 from minillm.formats.gguf_check import check_gguf_model
-from minillm.hub import bundled
+from minillm.hub import bundled, bundled_gemma3
 from minillm.hub.errors import HubError, ModelNotFoundError
 from minillm.hub.modelfile import Modelfile, parse_modelfile
 from minillm.hub.names import REMOTE_SOURCES
@@ -44,15 +44,23 @@ def _modelfile_path(name: str) -> Path:
 
 
 def check_new_name(name: str) -> str:
-    """A name `create` may use: no path, no remote prefix, not the bundled model's alias."""
+    """A name `create` may use: no path, no remote prefix, no bundled model's alias (a created
+    model of that name would hide the bundled one from `run`, `serve` and `LLM`)."""
     if not isinstance(name, str) or not _NAME.match(name.strip()):
         raise ValueError(
             f"invalid model name {name!r}: use letters, digits and . _ : - (e.g. mario or "
             "mario:v1), starting with a letter or digit"
         )
     name = name.strip()
-    if bundled.is_bundled_name(name):
-        raise ValueError(f"{name!r} is the bundled model's name; choose another name")
+    for owner, is_its_name in (
+        (bundled.NAME, bundled.is_bundled_name),
+        (bundled_gemma3.NAME, bundled_gemma3.is_gemma3_name),
+    ):
+        if is_its_name(name):
+            raise ValueError(
+                f"{name!r} is a name of the bundled model {owner}; choose another name "
+                f"(e.g. my-{name.replace(':', '-')})"
+            )
     if name.partition(":")[0] in REMOTE_SOURCES or name.lower().endswith(".gguf"):
         raise ValueError(f"{name!r} looks like a remote name or a file; choose a plain name")
     return name
