@@ -1,6 +1,7 @@
 """Kernel speed: the Numba ``cpu`` backend against ``ref``, HF transformers and llama.cpp.
 
     python benchmarks/bench_kernels.py [--threads 2] [--quick] [--model smollm2]
+    python benchmarks/bench_kernels.py --model gemma3-270m       # Gemma 3 270M (Q4_K_M)
 
 Side by side on the bundled model, interleaved repetitions, medians reported:
 
@@ -17,7 +18,9 @@ Side by side on the bundled model, interleaved repetitions, medians reported:
 `cpu` decodes a decode-only step with one compiled call per layer (``kernels/cpu_layer.py``);
 the row "`cpu`, op by op" is the same engine with that switched off, one kernel call per op.
 
-The full run writes the "kernels" section of BENCHMARKS.md; ``--quick`` only prints unless
+The full run writes the "kernels" section of BENCHMARKS.md ("kernels-gemma3-270m" and so on
+for another ``--model``, so each model keeps its own section); a model whose decode is not
+fused (Gemma 3) has no op-by-op row, since it already runs op by op; ``--quick`` only prints unless
 ``--write`` is given. The machine's load average is recorded: other processes on the same
 cores slow every engine here, parallel ones (2 threads waiting on each other) the most. By
 default OpenMP's wait policy is left as the libraries set it (workers spin a while between
@@ -33,6 +36,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -214,6 +218,15 @@ def first_run_seconds(model: str, backend: str, threads: int, cache_dir: str) ->
 
 
 # ----------------------------------------------------------------------------- report
+def section_name(model: str) -> str:
+    """BENCHMARKS.md section of a model: "kernels" for the default, else one of its own."""
+    if model == "smollm2":
+        return "kernels"
+    return "kernels-" + (
+        re.sub(r"[^a-z0-9_-]+", "-", Path(model).stem.lower()).strip("-") or "model"
+    )
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="Numba, torch and llama.cpp threads")
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test)")
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, a path...")
     ap.add_argument("--no-peers", action="store_true", help="skip HF transformers / llama.cpp")
     ap.add_argument("--omp-wait-policy", choices=["passive", "active", "unset"], default="unset",
                     help="OMP_WAIT_POLICY for every engine (set before torch and Numba start)")  # fmt: skip
@@ -258,12 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = prompt_ids(llms["cpu"].tokenizer, cfg.prefill_len)
     short = ids[:16]
     bandwidth_before = roofline.measure_bandwidth(args.threads)
-    op_by_op = LLM(args.model, backend="cpu", **kw)
-    op_by_op.loaded.model.fused_decode = False
+    minillms = dict(llms)
+    if llms["cpu"].loaded.model.fused_decode:  # else `cpu` already runs op by op
+        op_by_op = LLM(args.model, backend="cpu", **kw)
+        op_by_op.loaded.model.fused_decode = False
+        minillms[OP_BY_OP] = op_by_op
     engines: dict[str, tuple[Callable, Callable]] = {
         name: (lambda p, llm=llm: minillm_prefill(llm, p),
                lambda p, n, llm=llm: minillm_decode(llm, p, n))
-        for name, llm in {**llms, OP_BY_OP: op_by_op}.items()
+        for name, llm in minillms.items()
     }  # fmt: skip
     notes = []
     if not args.no_peers and gguf.suffix == ".gguf":
@@ -333,12 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     verdicts.append(f"batched x{cfg.batch} = {batched['cpu'] / cpu:.1f}x one stream (target >= 6x)")
     command = "python benchmarks/bench_kernels.py" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads}" + (" --no-peers" if args.no_peers else "")
+    if args.model != "smollm2":
+        command += f" --model {args.model}"
     if args.omp_wait_policy != "unset":
         command += f" --omp-wait-policy {args.omp_wait_policy}"
     loaded = llms["cpu"].loaded
     model = f"{args.model} ({gguf.name}, {loaded.config.num_layers} layers)"
     body = (
-        "## Kernels: the Numba `cpu` backend against `ref`, transformers and llama.cpp\n\n"
+        "## Kernels: the Numba `cpu` backend against `ref`, transformers and llama.cpp"
+        + ("" if args.model == "smollm2" else f" ({args.model})")
+        + "\n\n"
         + _report.run_header(
             backend="ref, cpu", model=model, threads=args.threads, command=command
         )  # fmt: skip
@@ -384,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(body)
     if args.write if args.write is not None else not args.quick:
-        print(f"wrote {_report.write_section('kernels', body, args.output)}")
+        print(f"wrote {_report.write_section(section_name(args.model), body, args.output)}")
     return 0
 
 
