@@ -254,3 +254,89 @@ def no_leftover_workers() -> Iterator[None]:
             dist.destroy_process_group()
     assert not left, f"worker processes left behind: {sorted(left)}"
     assert not initialized, "the torch.distributed process group was left initialized"
+
+
+class HTTPProcess:
+    """A command that serves HTTP (`minillm serve`, `minillm gateway`, torchrun ...) in a
+    subprocess, with its output in a log file. Ready means GET /health answers 200: tests and
+    benchmarks wait on that, never on time, and a process that exits while starting is
+    reported with the tail of its log."""
+
+    def __init__(
+        self,
+        args: list[str],
+        url: str,
+        log: str | Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        import os
+        import subprocess
+
+        self.url, self.log = url, Path(log)
+        run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=run_env)
+
+    @classmethod
+    def minillm(
+        cls,
+        command: str,
+        *args: str,
+        port: int,
+        log: str | Path,
+        env: dict[str, str] | None = None,
+    ) -> HTTPProcess:
+        """`python -m minillm.cli COMMAND ARGS --port PORT`, e.g. serve MODEL or gateway."""
+        import sys
+
+        cmd = [sys.executable, "-m", "minillm.cli", command, *args, "--port", str(port)]
+        return cls(cmd, f"http://127.0.0.1:{port}", log, env)
+
+    def output(self, chars: int | None = None) -> str:
+        """The process's output so far (its last `chars` characters, if given)."""
+        text = self.log.read_text(errors="replace")
+        return text if chars is None else text[-chars:]
+
+    def healthy(self) -> bool:
+        """Whether /health answers 200 now; RuntimeError (with the log) if the process died."""
+        import httpx
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.url}: exited with {self.proc.returncode}:\n{self.output(3000)}"
+            )
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 300.0) -> HTTPProcess:
+        """Poll /health until it answers 200 (a generous deadline: a busy machine loads slowly)."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"{self.url}: not ready within {timeout:.0f} s:\n{self.output(3000)}"
+                )
+            time.sleep(0.2)
+        return self
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(grace)
+        return self.proc.returncode
+
+    def __enter__(self) -> HTTPProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from minillm.gateway import from_dict, run_in_thread
 from minillm.gateway.cli import register  # noqa: F401 - the CLI module imports cleanly
 from minillm.serve.app import start_in_thread
-from minillm.testing import make_tiny_model
+from minillm.testing import HTTPProcess, make_tiny_model
 
 DEADLINE_S = 180.0
 
@@ -58,34 +58,12 @@ def scrape(url: str, headers: dict | None = None) -> str:
     return httpx.get(url + "/metrics", headers=headers or {}).text
 
 
-class ServeProcess:
+def serve_tiny(model_dir: Path, port: int, log: Path, name: str = "tiny") -> HTTPProcess:
     """`minillm serve` on the tiny model, as a user starts it; its log goes to a file."""
-
-    def __init__(self, model_dir: Path, port: int, log: Path, name: str = "tiny") -> None:
-        self.url, self.log = f"http://127.0.0.1:{port}", log
-        cmd = [sys.executable, "-m", "minillm.cli", "serve", str(model_dir), "--port", str(port),
-               "--backend", "ref", "--served-model-name", name, "--max-model-len", "256",
-               "--block-size", "8", "--kv-cache-memory", "4MiB", "--max-num-seqs", "8",
-               "--threads", "1", "--log-level", "warning"]  # fmt: skip
-        self.out = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT)
-
-    def healthy(self) -> bool:
-        assert self.proc.poll() is None, f"minillm serve died:\n{self.log.read_text()}"
-        try:
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.out.close()
+    args = ["--backend", "ref", "--served-model-name", name, "--max-model-len", "256",
+            "--block-size", "8", "--kv-cache-memory", "4MiB", "--max-num-seqs", "8",
+            "--threads", "1", "--log-level", "warning"]  # fmt: skip
+    return HTTPProcess.minillm("serve", str(model_dir), *args, port=port, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +74,11 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def start_serve(tiny_dir, free_port, tmp_path_factory):
     """A factory of `minillm serve` processes; all are stopped, and checked gone, at the end."""
-    started: list[ServeProcess] = []
+    started: list[HTTPProcess] = []
     logs = tmp_path_factory.mktemp("logs")
 
-    def start(n: int = 1) -> list[ServeProcess]:
-        new = [ServeProcess(tiny_dir, free_port(), logs / f"serve{len(started) + i}.log")
+    def start(n: int = 1) -> list[HTTPProcess]:
+        new = [serve_tiny(tiny_dir, free_port(), logs / f"serve{len(started) + i}.log")
                for i in range(n)]  # fmt: skip
         started.extend(new)
         for s in new:
@@ -115,7 +93,7 @@ def start_serve(tiny_dir, free_port, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pair(start_serve) -> list[ServeProcess]:
+def pair(start_serve) -> list[HTTPProcess]:
     """Two long-lived upstreams, A and B, serving "tiny"."""
     return start_serve(2)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import psutil
 import pytest
 
 from minillm import LLM, SamplingParams
-from minillm.testing import make_tiny_model
+from minillm.testing import HTTPProcess, make_tiny_model
 
 DEADLINE_S = 180.0  # generous: three processes load a model on a busy 2-core machine
 MESSAGES = [{"role": "user", "content": "Say something about tensors."}]
@@ -57,45 +56,29 @@ def _wait_until(check: Callable[[], bool], what: str) -> None:
         time.sleep(0.1)
 
 
-class Server:
+class Server(HTTPProcess):
+    """`minillm serve MODEL -tp N -pp M` that also knows its spawned workers."""
+
     def __init__(self, model: Path, port: int, log: Path, flags: list[str]) -> None:
-        env = {**os.environ, "MINILLM_TP_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "minillm.cli", "serve", str(model), *flags]
-        cmd += ["--backend", "ref", "--port", str(port), "--served-model-name", "tiny"]
-        self.log = log
-        self.url = f"http://127.0.0.1:{port}"
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        env = {"MINILLM_TP_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "minillm.cli", "serve", str(model), *flags, "--backend",
+               "ref", "--served-model-name", "tiny", "--port", str(port)]  # fmt: skip
+        super().__init__(cmd, f"http://127.0.0.1:{port}", log, env)
         self.workers: list[int] = []
 
-    def output(self) -> str:
-        return self.log.read_text()
-
     def wait_healthy(self, num_workers: int) -> None:
-        def healthy() -> bool:
-            assert self.proc.poll() is None, self.output()
-            try:
-                return httpx.get(self.url + "/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait_until(healthy, "the server to answer /health")
+        self.wait_ready(DEADLINE_S)
         children = psutil.Process(self.proc.pid).children(recursive=True)
         self.workers = [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
         assert len(self.workers) == num_workers, self.workers
 
-    def stop(self) -> None:
+    def stop(self, grace: float = DEADLINE_S) -> int | None:
         """Whatever the test did: the server and every worker are gone afterwards."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = super().stop(grace)
         for pid in self.workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        return code
 
 
 @pytest.fixture

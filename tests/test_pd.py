@@ -37,7 +37,7 @@ from minillm.parallel.pd_transfer import KVLayout
 from minillm.serve import build_app
 from minillm.serve.app import BackgroundServer, start_in_thread
 from minillm.serve.pd_decode import PrefillPairError
-from minillm.testing import make_tiny_model
+from minillm.testing import HTTPProcess, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 START_DEADLINE_S = 300  # a busy 2-core CI machine loading a model and compiling kernels
@@ -45,41 +45,13 @@ KEY = "pd-test-key"
 
 
 # ---------------------------------------------------------------------------- helpers
-class ServerProcess:
-    """`minillm serve ...` in a subprocess; waits on /health, not on time."""
-
-    def __init__(self, model: Path | str, port: int, *extra: str) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"minillm-pd-{port}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        env.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
-        args = [sys.executable, "-m", "minillm.cli", "serve", str(model), "--port", str(port)]
-        args += ["--threads", "1", "--api-key", KEY, "--log-level", "warning", *extra]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self) -> ServerProcess:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.output()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready in {START_DEADLINE_S} s: {self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+def pd_server(model: Path | str, port: int, *extra: str) -> HTTPProcess:
+    """`minillm serve MODEL EXTRA...` in a subprocess, with the pair's key, one thread."""
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"minillm-pd-{port}.log"
+    env = {"OMP_NUM_THREADS": "1"}
+    env["NUMBA_CACHE_DIR"] = os.environ.get("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
+    args = ["--threads", "1", "--api-key", KEY, "--log-level", "warning", *extra]
+    return HTTPProcess.minillm("serve", str(model), *args, port=port, log=log, env=env)
 
 
 def metric(base_url: str, name: str) -> float:
@@ -127,19 +99,19 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(tiny, free_port) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+def pair(tiny, free_port) -> Iterator[tuple[HTTPProcess, HTTPProcess]]:
     """A prefill server and its decode server, started together (different block sizes: the
     wire carries token slots, not blocks)."""
     common = ("--backend", "ref", "--max-model-len", "256")
-    prefill = ServerProcess(
+    prefill = pd_server(
         tiny, free_port(), *common, "--block-size", "4", "--disaggregation-mode", "prefill"
     )
-    decode = ServerProcess(
+    decode = pd_server(
         tiny, free_port(), *common, "--block-size", "8",
         "--disaggregation-mode", "decode", "--prefill-url", prefill.url,
     )  # fmt: skip
     try:
-        yield prefill.wait_ready(), decode.wait_ready()
+        yield prefill.wait_ready(START_DEADLINE_S), decode.wait_ready(START_DEADLINE_S)
     finally:
         decode.stop()
         prefill.stop()
@@ -321,7 +293,7 @@ def test_prefill_server_with_another_model(tmp_path, free_port, pair):
 def test_cli_refuses_a_pair_of_different_models(tmp_path, free_port, pair):
     prefill, _ = pair
     other = make_tiny_model(tmp_path / "other", seed=2)
-    server = ServerProcess(
+    server = pd_server(
         other, free_port(), "--backend", "ref", "--disaggregation-mode", "decode",
         "--prefill-url", prefill.url,
     )  # fmt: skip
@@ -380,9 +352,9 @@ def test_decode_server_refuses_n_above_one(pair):
 
 def test_prefill_server_dies_later(tiny, free_port):
     """The pair worked, then the prefill server went away: requests get a 503, not a hang."""
-    prefill = ServerProcess(
+    prefill = pd_server(
         tiny, free_port(), "--backend", "ref", "--disaggregation-mode", "prefill"
-    ).wait_ready()
+    ).wait_ready(START_DEADLINE_S)
     try:
         with decode_server(tiny, prefill.url, free_port()) as (llm, _app, url):
             assert chat(url, temperature=0, max_tokens=3)[0] is not None
@@ -396,13 +368,13 @@ def test_prefill_server_dies_later(tiny, free_port):
 
 # ---------------------------------------------------------------------------- bundled model
 def test_smollm2_pair_greedy(bundled_gguf_path, free_port):
-    prefill = ServerProcess(bundled_gguf_path, free_port(), "--disaggregation-mode", "prefill")
-    decode = ServerProcess(
+    prefill = pd_server(bundled_gguf_path, free_port(), "--disaggregation-mode", "prefill")
+    decode = pd_server(
         bundled_gguf_path, free_port(), "--disaggregation-mode", "decode",
         "--prefill-url", prefill.url,
     )  # fmt: skip
     try:
-        prefill.wait_ready(), decode.wait_ready()
+        prefill.wait_ready(START_DEADLINE_S), decode.wait_ready(START_DEADLINE_S)
         llm = LLM(str(bundled_gguf_path))
         server = start_in_thread(build_app(llm, api_key=KEY), port=free_port())
         try:

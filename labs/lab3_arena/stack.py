@@ -15,14 +15,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from minillm.gateway import GatewayServer, from_dict, start_in_thread
+from minillm.testing import HTTPProcess
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "arena"  # gitignored
 BUNDLED = "smollm2"
@@ -53,18 +51,22 @@ class Upstream:
     """One `minillm serve` process serving one model name."""
 
     name: str
-    url: str
-    proc: subprocess.Popen
-    log: Path
+    process: HTTPProcess
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def log(self) -> Path:
+        return self.process.log
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.process.proc
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        self.process.stop()
 
 
 def serve(
@@ -77,29 +79,13 @@ def serve(
     extra: Sequence[str] = (),
 ) -> Upstream:
     """Start `minillm serve MODEL --served-model-name NAME` and wait for its /health."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"serve-{name}.log"
-    cmd = [sys.executable, "-m", "minillm.cli", "serve", str(model), "--port", str(port),
-           "--served-model-name", name, "--backend", backend, "--threads", str(threads),
-           "--log-level", "warning", *extra]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    up = Upstream(name, url, proc, log)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"minillm serve {name} exited:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return up
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            up.stop()
-            raise TimeoutError(f"minillm serve {name} did not answer /health in {timeout} s")
-        time.sleep(0.2)
+    args = ["--served-model-name", name, "--backend", backend, "--threads", str(threads),
+            "--log-level", "warning", *extra]  # fmt: skip
+    process = HTTPProcess.minillm(
+        "serve", str(model), *args, port=free_port(), log=log_dir / f"serve-{name}.log"
+    )
+    return Upstream(name, process.wait_ready(timeout))
 
 
 @dataclass

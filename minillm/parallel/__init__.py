@@ -11,6 +11,7 @@ Shared
 - traffic.py     bytes handed to collectives and sends, per kind (record / snapshot / reset)
 - group.py       process groups: a loopback TCP store or torchrun's env://; TP and control groups
 - ranks.py       run a one-shot job on N local ranks (used by context and expert parallelism)
+- cores.py       how the ranks share the cores: threads per rank, idle pools that sleep
 
 Tensor and pipeline parallelism (the engine's steps)
 - sizes.py       which TP / PP sizes a model allows; which layers each stage runs

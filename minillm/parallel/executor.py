@@ -40,6 +40,7 @@ from minillm.loader import LoadedModel, load_model
 from minillm.model.batch import ForwardBatch
 from minillm.parallel import traffic
 from minillm.parallel.config import ParallelConfig
+from minillm.parallel.cores import share_cores, worker_environment
 from minillm.parallel.group import (
     destroy_group,
     init_group,
@@ -115,6 +116,7 @@ class ParallelExecutor:
         self._store: Any = None
         self._failure: str | None = None
         self._closed = False
+        self._restore_cores: Callable[[], None] = lambda: None  # set once workers exist
 
     @property
     def worker_pids(self) -> list[int]:
@@ -150,11 +152,14 @@ class ParallelExecutor:
                     name=f"minillm-parallel-rank{rank}",
                     daemon=True,  # multiprocessing also terminates it at interpreter exit
                 )
-                proc.start()
+                with worker_environment():  # idle thread pools sleep, see cores.py
+                    proc.start()
                 child.close()  # the worker's end lives in the worker only: EOF when it dies
                 self.procs.append(proc)
                 self.conns.append(parent)
             self._wait_loaded()
+            # rank 0 takes its share of the cores while the workers live (see cores.py)
+            self._restore_cores = share_cores(self.world_size, backend)
             group_backend = process_group_backend(backend)
             init_group(self._store, 0, self.world_size, self.timeout_s, group_backend)
             self._join_subgroups(model)
@@ -388,6 +393,7 @@ class ParallelExecutor:
             conn.close()
         destroy_group()
         self._store = None
+        self._restore_cores()
 
 
 TensorParallelExecutor = ParallelExecutor  # the name before pipeline parallelism existed

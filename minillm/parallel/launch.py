@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from minillm.kernels import resolve_backend_name
 from minillm.parallel.config import ParallelConfig
+from minillm.parallel.cores import share_cores
 from minillm.parallel.executor import distributed_timeout_s, use_torchrun_group
 from minillm.parallel.group import (
     destroy_group,
@@ -34,7 +35,7 @@ from minillm.parallel.group import (
     make_subgroups,
     process_group_backend,
 )
-from minillm.parallel.worker import build_model, serve_commands, share_cores
+from minillm.parallel.worker import build_model, serve_commands
 
 COMMANDS = ("serve", "generate")
 

@@ -15,7 +15,6 @@ ended. Collectives are bounded by the group's timeout, so a lost peer is an erro
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
 import signal
 import sys
@@ -26,6 +25,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from minillm.parallel.cores import share_cores, worker_environment
 from minillm.parallel.executor import describe_exit
 from minillm.parallel.group import connect_store, destroy_group, init_group, open_store
 
@@ -44,12 +44,11 @@ def _rank_main(
     run_args: tuple,
 ) -> None:
     """A worker: prepare, report ("ready"), join the group, run, report ("done", result)."""
-    import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides what Ctrl-C means
     code = 0
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        share_cores(world_size, "ref")
         state = prepare(rank, world_size, *prepare_args)
         conn.send_bytes(pickle.dumps(("ready", None)))
         init_group(connect_store(port, world_size, timeout_s), rank, world_size, timeout_s)
@@ -186,16 +185,20 @@ def run_on_ranks(
                 name=f"minillm-cp-rank{rank}",
                 daemon=True,
             )
-            proc.start()
+            with worker_environment():  # idle thread pools sleep, see cores.py
+                proc.start()
             child.close()  # EOF on our end as soon as the worker is gone
             workers.procs.append(proc)
             workers.conns.append(parent)
         workers.collect("ready", max(timeout_s, 300.0))  # loading a model can take a while
         init_group(store, 0, world_size, timeout_s)
+        restore_cores = share_cores(world_size, "ref")  # torch's pool; see cores.py
         try:
             result0 = run(state0, *run_args)
         except Exception as e:  # a collective failed or rank 0's own code did: say who
             raise RuntimeError(workers.failure(e)) from e
+        finally:
+            restore_cores()
         done = workers.collect("done", timeout_s)
         ok = True
         return [result0, *(done[r] for r in range(1, world_size))]

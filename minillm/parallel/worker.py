@@ -18,7 +18,6 @@ scratch cache of that many blocks; ("stats",) and ("traffic",) answer with this 
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import sys
@@ -30,20 +29,9 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from minillm.parallel.config import ParallelConfig
+from minillm.parallel.cores import share_cores
 
 Command = tuple[Any, ...]
-
-
-def share_cores(world_size: int, backend: str) -> None:
-    """N processes share the machine's cores: each worker takes its share of threads."""
-    import torch
-
-    threads = max(1, (os.cpu_count() or 1) // world_size)
-    torch.set_num_threads(threads)
-    if backend == "cpu":
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def build_model(path: Path, backend: str, rank: int, parallel: ParallelConfig) -> tuple:
