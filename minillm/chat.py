@@ -239,3 +239,16 @@ def apply_chat_template(
         tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or ""
     )
     return template.render(messages, add_generation_prompt=add_generation_prompt)
+
+
+def is_base_model(loaded: Any) -> bool:
+    """No chat template in the file, and no ChatML tokens to fall back on (Gemma 3 270M, a
+    pre-trained base model): a prompt is text to continue, not a chat turn."""
+    template, tokenizer = loaded.chat_template, loaded.tokenizer
+    return template.is_fallback and tokenizer.token_to_id("<|im_start|>") is None
+
+
+def continuation(messages: Sequence[Mapping[str, Any]], system: bool = True) -> str:
+    """A base model's prompt: the conversation's texts one after another, as one document
+    (`system=False` leaves out system messages, which a base model would only continue)."""
+    return "".join(m["content"] for m in messages if system or m["role"] != "system")

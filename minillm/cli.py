@@ -30,6 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from minillm.chat import continuation, is_base_model
 from minillm.hub import (
     HubError,
     ModelNotFoundError,
@@ -254,8 +255,8 @@ class Chat:
         self.render = (
             profile.prompt_renderer(self.llm.loaded.chat_template)
             if profile and profile.template
-            else _continuation
-            if _is_base_model(self.llm.loaded)
+            else continuation
+            if is_base_model(self.llm.loaded)
             else None
         )
         if args.verbose:
@@ -284,18 +285,6 @@ class Chat:
             self.out.write("\n".join(timing_lines(final.metrics, load_seconds, total)) + "\n")
         self.out.flush()
         return "".join(pieces)
-
-
-def _is_base_model(loaded: Any) -> bool:
-    """No chat template in the file, and no ChatML tokens to fall back on (Gemma 3 270M, a
-    pre-trained base model): the prompt is text to continue, not a chat turn."""
-    template, tokenizer = loaded.chat_template, loaded.tokenizer
-    return template.is_fallback and tokenizer.token_to_id("<|im_start|>") is None
-
-
-def _continuation(messages: list[dict[str, str]]) -> str:
-    """A base model's prompt: the conversation's texts one after another, as one document."""
-    return "".join(m["content"] for m in messages)
 
 
 def _system(args: argparse.Namespace) -> list[dict[str, str]]:

@@ -359,3 +359,20 @@ def set_number(page, elem_id: str, value: str) -> None:
     field = page.locator(f"#{elem_id} input[type=number]")
     field.fill(value)
     field.press("Enter")
+
+
+def test_gemma3_base_model_continues_the_text(gemma3_gguf_path):
+    """Lab 1 on Gemma 3 270M (--model gemma3-270m): a base model gets the conversation's text
+    to continue, not a chat turn; the streamed answer is LLM.generate's greedy continuation of
+    the same text (system prompt left out)."""
+    from minillm.chat import is_base_model
+    from minillm.ui.chat import strip_stats
+
+    gemma = LLM(str(gemma3_gguf_path), backend="cpu")
+    assert is_base_model(gemma.loaded)
+    *_, last = chat_stream(gemma, "北京是中国的", [], "You are helpful.", 0.0, 1.0, 8)
+    want = gemma.generate(["北京是中国的"], SamplingParams(temperature=0, max_tokens=8))
+    assert strip_stats(last).strip() == want[0].outputs[0].text.strip()
+    assert build_demo(gemma, model="gemma3-270m") is not None
+    with pytest.raises(ValueError, match="unknown model 'llama'"):
+        build_demo(gemma, model="llama")

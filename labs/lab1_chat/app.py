@@ -1,9 +1,13 @@
-"""Lab 1: a streaming chat with the bundled model.
+"""Lab 1: a streaming chat with a bundled model.
 
 Run it from the repository root (what `make chat` does):
 
-    python -m labs.lab1_chat.app            # http://127.0.0.1:7860
+    python -m labs.lab1_chat.app                       # http://127.0.0.1:7860, SmolLM2
     python -m labs.lab1_chat.app --port 7861
+    python -m labs.lab1_chat.app --model gemma3-270m   # Gemma 3 270M: knows Chinese
+
+Gemma 3 270M is a *base* model: it has no chat format and continues the text it is given
+("北京是中国的" -> "首都，……"), so write the beginning of what you want, not a question.
 
 `build_demo()` returns the app without launching it, so tests and the notebook can drive it.
 """
@@ -27,28 +31,39 @@ if TYPE_CHECKING:
 MODEL = "smollm2"
 DEFAULT_PORT = 7860
 TITLE = "minillm · Lab 1: streaming chat"
-DESCRIPTION = (
-    "SmolLM2-135M-Instruct (Q4_1 GGUF) on the minillm engine. Answers stream token by token; "
-    "the line under each answer shows tokens, decode speed and time to first token."
+_STATS = (
+    "Answers stream token by token; the line under each answer shows tokens, decode speed and "
+    "time to first token."
 )
+MODELS = {  # --model choices: what each one is
+    "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF) on the minillm engine. " + _STATS,
+    "gemma3-270m": (
+        "Gemma 3 270M (Q4_K_M GGUF) on the minillm engine: a base model, it continues your "
+        "text (try 北京是中国的) instead of answering; it knows Chinese. " + _STATS
+    ),
+}
+DESCRIPTION = MODELS[MODEL]
+_chosen = MODEL  # main(--model) sets it before the model loads
 
 
 def _load_bundled() -> LLM:
     from minillm import LLM
 
-    return LLM(MODEL)
+    return LLM(_chosen)
 
 
 # One model per process, loaded on the first message (or by main() before it serves).
 BUNDLED = LazyLLM(_load_bundled)
 
 
-def build_demo(llm: LLM | None = None) -> gr.Blocks:
-    """The chat app on `llm`, or on the bundled model (loaded once, on first use)."""
+def build_demo(llm: LLM | None = None, model: str = MODEL) -> gr.Blocks:
+    """The chat app on `llm`, or on the bundled `model` (loaded once, on first use)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     return build_chat_app(
         BUNDLED if llm is None else llm,
         title=TITLE,
-        description=DESCRIPTION,
+        description=MODELS[model],
         temperature=0.3,
         top_p=0.9,
         max_tokens=256,
@@ -64,10 +79,15 @@ def main(argv: list[str] | None = None) -> None:
         default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
         help="port (default: $GRADIO_SERVER_PORT or 7860)",
     )
+    parser.add_argument(
+        "--model", choices=list(MODELS), default=MODEL, help=f"bundled model (default {MODEL})"
+    )
     args = parser.parse_args(argv)
-    print(f"Loading {MODEL} ...", flush=True)
+    global _chosen
+    _chosen = args.model
+    print(f"Loading {args.model} ...", flush=True)
     BUNDLED.get()
-    demo = build_demo()
+    demo = build_demo(model=args.model)
     _, url, _ = demo.launch(
         server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True
     )

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
+from minillm.chat import continuation, is_base_model
 from minillm.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -181,7 +182,9 @@ def _stream_answer(
     llm: LLM, messages: list[dict[str, str]], params: SamplingParams
 ) -> Iterator[str]:
     answer, final = "", None
-    with engine_lock(llm), closing(llm.stream(messages, params)) as deltas:
+    # a base model (Gemma 3 270M) has no chat format: it continues the conversation's text
+    prompt = continuation(messages, system=False) if is_base_model(llm.loaded) else messages
+    with engine_lock(llm), closing(llm.stream(prompt, params)) as deltas:
         # closing(): if we are closed at a yield, LLM.stream's own finally aborts the request.
         for out in deltas:
             if out.outputs[0].text:
