@@ -83,3 +83,27 @@ def test_llama_keeps_one_block_table(tmp_path):
     assert type(engine.block_manager) is BlockManager
     assert engine.kv_cache.layout.num_groups == 1
     assert len({id(t) for t in engine.kv_cache.k}) == loaded.model.config.num_layers
+
+
+def test_prefix_hit_past_the_window_gives_the_same_tokens(gemma):
+    """The same long prompt twice on one engine: the second admission hits the cache (global
+    blocks for the whole prefix, window blocks only for its last window) and decodes the same
+    greedy tokens as the first, which computed everything."""
+    ids = _prompt(gemma)
+    engine = LLMEngine(
+        gemma.model,
+        gemma.tokenizer,
+        EngineConfig(max_num_batched_tokens=256, kv_cache_memory="64MiB"),
+    )
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = []
+    for rid in ("first", "second"):
+        engine.add_request(rid, ids, params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outs.append(out)
+    bm = engine.block_manager
+    assert bm.prefix_cache_hits >= (len(ids) - 1) // bm.block_size * bm.block_size
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    bm.check_invariants([])
