@@ -112,15 +112,23 @@ def cache_counters(urls: list[str]) -> tuple[float, float]:
 
 
 async def stream_ttft(client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int) -> float:
+    return (await stream_ttft_from(client, messages, max_tokens))[0]
+
+
+async def stream_ttft_from(
+    client: openai.AsyncOpenAI, messages: list[dict], max_tokens: int
+) -> tuple[float, str]:
+    """(TTFT, the upstream that answered, from the gateway's x-minillm-upstream header)."""
     t0 = time.perf_counter()
     stream = await client.chat.completions.create(
         model="m", messages=messages, temperature=0, max_tokens=max_tokens, stream=True
     )
+    upstream = stream.response.headers.get("x-minillm-upstream", "")
     ttft = None
     async for chunk in stream:
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
             ttft = time.perf_counter() - t0
-    return ttft if ttft is not None else time.perf_counter() - t0
+    return (ttft if ttft is not None else time.perf_counter() - t0), upstream
 
 
 def ms(seconds: float) -> str:
@@ -139,17 +147,21 @@ def p(values: list[float], q: float) -> float:
 async def run_workload(
     client: openai.AsyncOpenAI, queue: list[tuple[str, str]], concurrency: int
 ) -> list[float]:
-    """`concurrency` clients take (system, question) pairs off the queue; their TTFTs."""
+    """`concurrency` clients take (system, question) pairs off the queue; their TTFTs, and for
+    each system prompt the set of upstreams that answered it."""
     ttfts: list[float] = []
+    spread: dict[str, set[str]] = {}
 
     async def worker() -> None:
         while queue:
             system, question = queue.pop()
             msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-            ttfts.append(await stream_ttft(client, msgs, 8))
+            ttft, upstream = await stream_ttft_from(client, msgs, 8)
+            ttfts.append(ttft)
+            spread.setdefault(system, set()).add(upstream)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return ttfts
+    return ttfts, spread
 
 
 def affinity_vs_round_robin(ups: list[str], args: argparse.Namespace) -> str:
@@ -169,16 +181,17 @@ def affinity_vs_round_robin(ups: list[str], args: argparse.Namespace) -> str:
             hits0, queries0 = cache_counters(ups)
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
             t0 = time.perf_counter()
-            ttfts = asyncio.run(run_workload(client, list(work), 4))
+            ttfts, spread = asyncio.run(run_workload(client, list(work), 4))
             wall = time.perf_counter() - t0
             hits, queries = cache_counters(ups)
         finally:
             stop(gw)
         rate = (hits - hits0) / max(queries - queries0, 1)
-        rows.append([strategy, len(work), f"{rate:.1%}", ms(statistics.median(ttfts)),
-                     ms(p(ttfts, 90)), f"{wall:.1f}"])  # fmt: skip
-    head = ["strategy", "requests", "prefix-cache hit rate (tokens)", "TTFT P50 ms",
-            "TTFT P90 ms", "wall s"]  # fmt: skip
+        per_prompt = statistics.mean(len(u) for u in spread.values())
+        rows.append([strategy, len(work), f"{rate:.1%}", f"{per_prompt:.2f}",
+                     ms(statistics.median(ttfts)), ms(p(ttfts, 90)), f"{wall:.1f}"])  # fmt: skip
+    head = ["strategy", "requests", "prefix-cache hit rate (tokens)",
+            "upstreams per system prompt", "TTFT P50 ms", "TTFT P90 ms", "wall s"]  # fmt: skip
     return _report.markdown_table(head, rows)
 
 

@@ -88,11 +88,15 @@ def test_prefix_affinity_is_stable_and_moves_only_the_lost_upstreams_keys():
 
 def test_prefix_affinity_bounds_the_load_of_one_hot_prefix():
     pool = ups(1, 1)
-    pa = PrefixAffinity(load_factor=1.5)
+    pa = PrefixAffinity(load_factor=1.5, slack=2)
     home = pa.choose(pool, "hot")
     assert pa.choose(pool, "hot") is home  # idle: affinity holds
-    home.in_flight = 4  # 4 of 4 in flight on the home upstream: over 1.5 x its share
+    home.in_flight = 3  # 3 of 3: over 1.5 x its share of 4, but within the slack of 2
+    assert pa.choose(pool, "hot") is home
+    home.in_flight = 12  # 12 of 12: over 1.5 x 13 / 2 + 2 = 11.75
     assert pa.choose(pool, "hot") is not home
+    home.in_flight = 3  # without slack, 3 of 3 already spills
+    assert PrefixAffinity(load_factor=1.5, slack=0).choose(pool, "hot") is not home
 
 
 def test_prompt_key_is_the_system_prompt_or_the_leading_text():

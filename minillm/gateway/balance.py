@@ -7,8 +7,12 @@
   system prompt hash alike and reach the same upstream, whose prefix cache already holds
   that prompt's KV blocks; adding or losing an upstream moves only the keys it owned. An
   upstream that already carries more than `load_factor` × its fair share of the in-flight
-  requests is passed over for the next one on the ring (consistent hashing with bounded
-  loads), so one popular prompt cannot pin all traffic on one box.
+  requests, plus `slack` requests, is passed over for the next one on the ring (consistent
+  hashing with bounded loads), so one popular prompt cannot pin all traffic on one box. The
+  slack keeps chance from breaking affinity when few requests are in flight: with two
+  upstreams and four clients, 1.5 × the fair share is 3, which three requests landing on one
+  prompt's owner reach by chance; without slack the benchmark's system prompts were answered by
+  1.5 upstreams each instead of 1, and half the prefix-cache benefit was lost.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def stable_hash(text: str) -> int:
 class PrefixAffinity:
     """A hash ring with `replicas` × weight points per upstream."""
 
-    def __init__(self, replicas: int = 64, load_factor: float = 1.5) -> None:
-        self.replicas, self.load_factor = replicas, load_factor
+    def __init__(self, replicas: int = 64, load_factor: float = 1.5, slack: int = 2) -> None:
+        self.replicas, self.load_factor, self.slack = replicas, load_factor, slack
         self.rings: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}
 
     def ring(self, candidates: Sequence[Upstream]) -> tuple[list[int], list[str]]:
@@ -90,7 +94,7 @@ class PrefixAffinity:
             seen.append(u)
             # bounded load: its fair share of the requests in flight, this one included
             cap = self.load_factor * (in_flight + 1) * u.spec.weight / total_weight
-            if u.in_flight + 1 <= max(cap, 1):
+            if u.in_flight + 1 <= max(cap, 1) + self.slack:
                 return u
             if len(seen) == len(candidates):
                 break
