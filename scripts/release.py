@@ -21,7 +21,7 @@ import make_lesson_copies  # noqa: E402
 import make_student_copies  # noqa: E402
 
 REPO_ROOT = make_student_copies.REPO_ROOT
-INSTRUCTOR_ONLY_DIRS = ("homework/source/", "lessons/source/")
+INSTRUCTOR_ONLY_DIRS = ("homework/source/", "lessons/source/", "instructors/answers/")
 INSTRUCTOR_ONLY_FILES = {
     "scripts/make_lesson_copies.py",
     "scripts/make_student_copies.py",
