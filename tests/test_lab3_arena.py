@@ -199,10 +199,11 @@ def test_duel_streams_two_models_and_a_blind_vote_is_saved(
     assert final["done"] and final["blind"] and len({u["round"] for u in updates}) == 1
     a, b = final["a"], final["b"]
     assert (a["model"], b["model"]) == ("A", "B")  # names hidden until the vote
+    # Each update extends the last. How many of them gradio_client sees depends on the machine's
+    # load (its queue may merge updates), so their number is not asserted; that the two sides
+    # stream at once is checked below from their own timings.
     texts = [u["a"]["text"] for u in updates]
-    assert len(set(texts)) > 2 and all(
-        y.startswith(x) for x, y in zip(texts, texts[1:], strict=False)
-    )
+    assert all(y.startswith(x) for x, y in zip(texts, texts[1:], strict=False))
     for side in (a, b):
         match = STATS.fullmatch(side["stats"])
         assert match and int(match["tokens"]) == side["tokens"], side
