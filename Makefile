@@ -35,10 +35,6 @@ test: export PYTHONHASHSEED := 0
 # side, and torch's thread pools collapse when they oversubscribe a 2-core machine (measured: a
 # ref decode step goes from ~0.1 s to ~0.6-1 s). Speed is measured by benchmarks/, not tests.
 test: export OMP_NUM_THREADS := 1
-# Numba's pool still has a thread per core, and an idle OpenMP pool spins before it sleeps:
-# beside other busy processes that spinning took the cores from the threads doing the work
-# (measured: a cpu-backend decode 5-6x slower on a loaded 2-core machine). Idle pools sleep.
-test: export OMP_WAIT_POLICY := passive
 test: export IPYTHONDIR := $(CURDIR)/.cache/ipython
 test: export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter/config
 test: export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter/data
