@@ -32,6 +32,7 @@ from minillm.formats.gguf import GGUFFile
 from minillm.hub import (
     HubError,
     ModelNotFoundError,
+    bundled_gemma3,
     list_models,
     pull,
     remove,
@@ -39,7 +40,6 @@ from minillm.hub import (
     show,
 )
 from minillm.hub import bundled as bundled_mod
-from minillm.hub import bundled_gemma3
 from minillm.hub.download_worker import choose_files
 from minillm.hub.safetensors_header import read_safetensors_header
 
