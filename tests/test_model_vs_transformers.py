@@ -9,31 +9,9 @@ import transformers
 from minillm import LLM, SamplingParams
 from minillm.config import ModelConfig
 from minillm.kernels import get_backend
-from minillm.kv.cache import KVCache
-from minillm.model.batch import ForwardBatch, PrefillChunk
 from minillm.model.llama import LlamaModel
 from minillm.model.weights import load_hf_weights, unpermute_rows
-from minillm.testing import make_tiny_model
-
-
-def prefill_logits(model: LlamaModel, ids: list[int], block_size: int = 4) -> torch.Tensor:
-    """All positions' logits for one sequence, through the paged cache (blocks 1..n)."""
-    cfg, t = model.config, len(ids)
-    nblk = -(-t // block_size)
-    kv = KVCache(cfg.num_layers, nblk + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
-    table = list(range(1, nblk + 1))
-    slots = [table[p // block_size] * block_size + p % block_size for p in range(t)]
-    batch = ForwardBatch(
-        torch.tensor(ids),
-        torch.arange(t),
-        torch.tensor(slots),
-        0,
-        torch.zeros(0, 0, dtype=torch.long),
-        torch.zeros(0, dtype=torch.long),
-        [PrefillChunk(0, t, t, torch.tensor(table))],
-        torch.arange(t),
-    )
-    return model.forward(batch, kv.k, kv.v)
+from minillm.testing import make_tiny_model, prefill_logits
 
 
 @pytest.mark.parametrize(
