@@ -43,7 +43,7 @@ test: export JUPYTER_PLATFORM_DIRS := 1
 
 PYTEST := $(PY) -m pytest -ra --timeout=$(TEST_TIMEOUT) --durations=10
 
-.PHONY: help setup chromium lab chat arena test lint
+.PHONY: help setup chromium fonts lab chat arena test lint
 
 help:
 	@echo "make setup  create .venv and install the course (idempotent)"
@@ -53,7 +53,7 @@ help:
 	@echo "make test   unit + integration tests, notebooks, homework grading"
 	@echo "make lint   ruff check + format check"
 
-setup: $(STAMP) $(GEMMA3_STAMP) $(NUMBA_WARM) chromium
+setup: $(STAMP) $(GEMMA3_STAMP) $(NUMBA_WARM) chromium fonts
 
 # pip runs only when pyproject.toml changed since the last successful install.
 # torch comes first and pinned, so the extras cannot pull another build of it.
@@ -94,6 +94,18 @@ chromium:
 	fi; \
 	if [ -n "$${CI:-}" ]; then echo "error: CI needs $(CHROMIUM) (apt-get install chromium)" >&2; exit 1; fi; \
 	echo "note: $(CHROMIUM) is missing; the browser test will be skipped (sudo apt-get install chromium)"
+
+# The lessons' charts have Chinese titles; matplotlib needs a CJK font for them
+# (minillm/ui/figures.py picks it). Same rule as chromium: CI must have it, root installs it,
+# everyone else gets a note and charts with boxes for Chinese characters.
+fonts:
+	@if fc-list 2>/dev/null | grep -qi 'wqy\|noto sans cjk\|source han sans'; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian fonts-wqy-microhei for the lessons' Chinese chart labels"; \
+	  if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei >/dev/null; then exit 0; fi; \
+	fi; \
+	if [ -n "$${CI:-}" ]; then echo "error: CI needs a CJK font (apt-get install fonts-wqy-microhei)" >&2; exit 1; fi; \
+	echo "note: no CJK font found; lesson charts will show boxes for Chinese (sudo apt-get install fonts-wqy-microhei)"
 
 lab: setup
 	@echo "Starting JupyterLab on lessons/; open the http://127.0.0.1:... URL it prints below."
