@@ -171,3 +171,37 @@ def test_lesson_prose_follows_the_glossary(path: Path):
         for v in violations(cell.source)
     ]
     assert not problems, "glossary (lessons/glossary.md) variants:\n" + "\n".join(problems)
+
+
+# Text that sends a student somewhere they cannot follow: the seed notes by file number (they are
+# not in the repository) or the course's own CI machine and test harness.
+MISSING_PLACES = re.compile(
+    r"(?:笔记|讲义|notes?)[ -]?\(?0\d\d\b|seeds/|课程的 ?CI|CI 机器|CI machine|course machine"
+    r"|(?<![\w-])nbval(?![\w-])",
+    re.IGNORECASE,
+)
+
+
+def test_missing_place_pattern_finds_what_it_should():
+    found = [
+        m.group()
+        for m in MISSING_PLACES.finditer(
+            "笔记 003 说；讲义(002)；note 004；课程的 CI 机器只有 2 个核心；被 nbval 逐字核对；"
+            "# the course machine is shared\n讲义里的例子；第 003 步；pytest --nbval-lax"
+        )
+    ]
+    assert found == ["笔记 003", "讲义(002", "note 004", "课程的 CI", "nbval", "course machine"]
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: str(p.relative_to(ROOT / "lessons")))
+def test_lesson_sends_students_nowhere_they_cannot_follow(path: Path):
+    """Sources, stored outputs included (a student reads those too)."""
+    nb = nbformat.read(path, as_version=4)
+    problems = [
+        f"{path.relative_to(ROOT)} cell {i} (id {cell.get('id')}): {m.group()!r} in "
+        f"…{context(text, *m.span())}…"
+        for i, cell in enumerate(nb.cells)
+        for text in [cell.source, *(o.get("text", "") for o in cell.get("outputs", []))]
+        for m in MISSING_PLACES.finditer(text)
+    ]
+    assert not problems, "seed-note file numbers or CI/test-harness text:\n" + "\n".join(problems)
