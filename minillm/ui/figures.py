@@ -10,6 +10,7 @@ matplotlib is imported lazily: importing this module costs nothing.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 # Family names as matplotlib reports them, most likely first on the machines students use:
@@ -71,7 +72,7 @@ def _register_system_cjk_fonts() -> None:
 
     known_files = {f.fname for f in font_manager.fontManager.ttflist}
     for path in font_manager.findSystemFonts():
-        base = path.rsplit("/", 1)[-1].lower().replace("-", "").replace("_", "")
+        base = os.path.basename(path).lower().replace("-", "").replace("_", "")
         if path in known_files or not any(h in base for h in _CJK_FILE_HINTS):
             continue
         try:
