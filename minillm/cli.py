@@ -249,7 +249,9 @@ class Chat:
         self.params = SamplingParams(**run_sampling_kwargs(args, profile))
         t0 = time.perf_counter()
         kw = {"max_model_len": profile.context_length} if profile and profile.context_length else {}
-        self.llm = LLM(args.model, backend=args.backend, **kw)
+        self.llm = LLM(
+            args.model, backend=args.backend, activations=getattr(args, "activations", None), **kw
+        )
         self.load_seconds = time.perf_counter() - t0
         # a Modelfile TEMPLATE renders the prompt; otherwise LLM.stream uses the model's own
         self.render = (
@@ -399,6 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm = LLM(
         args.model,
         backend=args.backend,
+        activations=getattr(args, "activations", None),
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,
@@ -521,6 +524,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--max-tokens", type=int, default=None, help="reply length cap (default 512)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
     p.add_argument("--backend", default="auto", help="ref | cpu | cuda | auto (default auto)")
+    p.add_argument(
+        "--activations",
+        choices=("int8", "fp32"),
+        default=None,
+        help="cpu matmul inputs: int8 (default for quantized weights, W4A8) or fp32 (exact)",
+    )
     p.add_argument("--verbose", action="store_true", help="also report how the model was loaded")
     p.set_defaults(func=cmd_run)
 
@@ -580,6 +589,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="the name(s) clients use (default: MODEL)",
     )
     p.add_argument("--backend", default="auto", help="ref | cpu | cuda | auto (default auto)")
+    p.add_argument(
+        "--activations",
+        choices=("int8", "fp32"),
+        default=None,
+        help="cpu matmul inputs: int8 (default for quantized weights, W4A8) or fp32 (exact)",
+    )
     p.add_argument(
         "--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)"
     )

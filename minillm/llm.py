@@ -40,6 +40,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         num_micro_batches: int | None = None,
         enable_expert_parallel: bool = False,
+        activations: str | None = None,
     ) -> None:
         """tensor_parallel_size x pipeline_parallel_size > 1: split the model over that many
         processes (minillm/parallel/): Megatron-style tensor parallelism within a stage,
@@ -47,7 +48,9 @@ class LLM:
         step's batch is cut into (default: one per stage). kv_cache_memory is then per rank.
         enable_expert_parallel (an MoE model): split whole experts over the TP ranks, tokens
         sent to them by all-to-all (parallel/ep_moe.py), instead of slicing every expert.
-        Such an LLM holds worker processes: close() it (or use `with LLM(...) as llm:`)."""
+        Such an LLM holds worker processes: close() it (or use `with LLM(...) as llm:`).
+        activations: what the cpu backend's matmuls do with their input: "int8" (the default
+        for quantized weights: W4A8, llama.cpp's way) or "fp32" (exact fp32 arithmetic)."""
         for name, size in (
             ("tensor_parallel_size", tensor_parallel_size),
             ("pipeline_parallel_size", pipeline_parallel_size),
@@ -57,13 +60,18 @@ class LLM:
         self._close = lambda: None
         self.executor = None  # minillm.parallel.executor.ParallelExecutor when distributed
         if tensor_parallel_size * pipeline_parallel_size == 1:  # nothing distributed imported
-            self.loaded = load_model(model, backend)
+            self.loaded = load_model(model, backend, activations=activations)
             if enable_expert_parallel is True and self.loaded.config.moe is None:
                 raise ValueError(
                     "enable_expert_parallel=True needs a mixture-of-experts model, but this "
                     f"{self.loaded.config.arch} model is dense; drop enable_expert_parallel"
                 )
         else:
+            if activations not in (None, "int8"):
+                raise ValueError(
+                    f"activations={activations!r} is not supported with tensor or pipeline "
+                    "parallelism yet: the workers use the backend's default"
+                )
             from minillm.parallel.config import ParallelConfig
             from minillm.parallel.executor import start_parallel
 

@@ -12,7 +12,7 @@ from minillm.chat import ChatTemplate
 from minillm.config import ModelConfig
 from minillm.formats.gguf import GGUFError, GGUFFile
 from minillm.formats.gguf_check import check_model_header
-from minillm.kernels import get_backend
+from minillm.kernels import activations_mode, get_backend
 from minillm.model.gemma3 import Gemma3Model
 from minillm.model.llama import LlamaModel
 from minillm.model.weights import ModelWeights, load_gguf_weights, load_hf_weights
@@ -77,12 +77,15 @@ def load_model(
     model: str | Path = "smollm2",
     backend: str = "auto",
     build: Callable[[ModelConfig, ModelWeights, ModuleType], LlamaModel] | None = None,
+    activations: str | None = None,
 ) -> LoadedModel:
     """build: how the model is made from config, weights and backend; None: the class the
     architecture needs (tensor parallelism builds one rank's shard instead,
-    minillm/parallel/executor.py)."""
+    minillm/parallel/executor.py). activations: "int8" | "fp32" for the cpu backend's
+    matmuls (None: its default, int8 for quantized weights; see kernels/cpu.py)."""
     t0 = time.perf_counter()
     ops = get_backend(backend)
+    mode = activations_mode(ops, activations)  # checked before the files are read
     path = locate(model)
     config, weights, tokenizer = read_model_files(path)
     if build is not None and config.gemma3 is not None:
@@ -90,7 +93,8 @@ def load_model(
             f"{path}: Gemma 3 runs in one process only (tensor, pipeline and context "
             "parallelism build Llama-family shards)"
         )
-    net = (build or model_class(config))(config, weights, ops)
+    with mode:
+        net = (build or model_class(config))(config, weights, ops)
     try:
         template = ChatTemplate(
             tokenizer.chat_template or "", tokenizer.bos_token or "", tokenizer.eos_token or ""

@@ -167,7 +167,10 @@ def test_a_backend_without_the_ops_is_refused_by_name():
 # ------------------------------------------------------------------ the real model
 @pytest.fixture(scope="module")
 def models(gemma3_gguf_path):
-    return load_model(gemma3_gguf_path, "ref"), load_model(gemma3_gguf_path, "cpu")
+    # the exact path: ref's fp32 arithmetic is the reference (int8 activations: test_kernels_a8)
+    return load_model(gemma3_gguf_path, "ref"), load_model(
+        gemma3_gguf_path, "cpu", activations="fp32"
+    )
 
 
 def test_ref_and_cpu_agree_on_the_real_model(models):

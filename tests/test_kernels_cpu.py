@@ -1,4 +1,5 @@
-"""The Numba ``cpu`` backend against the torch ``ref`` backend, op by op and on whole models.
+"""The Numba ``cpu`` backend against the torch ``ref`` backend, op by op and on whole models,
+with fp32 activations (the int8 ones: tests/test_kernels_a8.py).
 
 Tolerances (fp32): a matmul result may differ from ref only by summation order, so the bound
 is 1e-5 * sum_k |x_k * w_k| per output (one wrong 4-bit code would be off by ~1/K of that sum,
@@ -20,6 +21,15 @@ from minillm.kernels.cpu_packing import PackedWeight
 
 FORMATS = ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q8_0", "Q6_K", "F32", "F16", "BF16"]
 FEW = settings(max_examples=12, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fp32_activations():  # noqa: ANN201
+    """This file checks the exact path, fp32 activations, against ref's fp32 arithmetic. The
+    int8 activations (the default for quantized weights) quantize x first, so they have their
+    own reference and tests (tests/test_kernels_a8.py)."""
+    with cpu.activations("fp32"):
+        yield
 
 
 def _weights(

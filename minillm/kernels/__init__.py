@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import os
+from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 
 BACKENDS = ("ref", "cpu", "cuda")
+ACTIVATIONS = ("int8", "fp32")  # what a cpu matmul does with x (kernels/cpu.py)
 
 
 def cuda_available() -> bool:
@@ -59,3 +61,22 @@ def get_backend(name: str = "auto") -> ModuleType:
         return importlib.import_module(f"minillm.kernels.{resolved}")
     except ImportError as e:
         raise ValueError(f"backend {resolved!r} is not available here: {e}") from e
+
+
+def activations_mode(ops: ModuleType, activations: str | None) -> AbstractContextManager:
+    """A context in which `ops` prepares weights for `activations` ("int8" | "fp32"; None:
+    the backend's default). Only the cpu backend has int8 activations."""
+    if activations is None:
+        return nullcontext()
+    if activations not in ACTIVATIONS:
+        raise ValueError(
+            f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}"
+        )
+    if hasattr(ops, "activations"):
+        return ops.activations(activations)
+    if activations != "fp32":
+        raise ValueError(
+            f"activations={activations!r}: the {ops.name} backend computes in fp32 only "
+            "(int8 activations are the cpu backend's); use 'fp32' or leave it unset"
+        )
+    return nullcontext()

@@ -26,12 +26,17 @@ very first run pays it.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from minillm.formats.blocks import QuantTensor
+from minillm.kernels import ACTIVATIONS
+from minillm.kernels import cpu_a8 as _a8
 from minillm.kernels import cpu_linear as _lin
 from minillm.kernels import cpu_q4 as _q4
 from minillm.kernels.cpu_attention import paged_decode, paged_prefill, store_kv_slots
@@ -91,9 +96,28 @@ def _packed(w: object, what: str) -> PackedWeight:
 
 
 # ----------------------------------------------------------------------------- weights
+# What matmuls do with their input x: "int8" quantizes it to int8 blocks and multiplies bytes by
+# weight bytes in integers (W4A8, as llama.cpp; cpu_a8), "fp32" decodes the weights to float32
+# (W4A16-style, exact to fp32 rounding). Chosen when weights are prepared, so a model keeps its
+# mode; float (F32/F16/BF16) weights always compute in fp32.
+_activations: ContextVar[str] = ContextVar("minillm_cpu_activations", default="int8")
+
+
+@contextmanager
+def activations(mode: str) -> Iterator[None]:
+    """Weights prepared inside this block compute with `mode` activations ("int8" | "fp32")."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {mode!r}")
+    token = _activations.set(mode)
+    try:
+        yield
+    finally:
+        _activations.reset(token)
+
+
 def prepare_linear(w: QuantTensor) -> PackedWeight:
     """Repack once at load; memory stays about the GGUF size (see cpu_packing)."""
-    return pack_weight(w)
+    return pack_weight(w, int8_activations=_activations.get() == "int8")
 
 
 def prepare_vector(w: QuantTensor) -> torch.Tensor:
@@ -140,6 +164,8 @@ def embedding(ids: torch.Tensor, table: PackedWeight) -> torch.Tensor:
         _q4.q4_rows(idx, table.codes, table.scale, table.offset, table.offset_mult, out)
     elif table.kind == "q8":
         _lin.q8_rows(idx, table.codes, table.scale, table.block, out)
+    elif table.kind == "q8_panels":
+        _a8.q8_panel_rows(idx, table.codes, table.scale, out)
     else:
         _lin.float_rows(idx, table.codes, table.is_bf16, out)
     return torch.from_numpy(out.reshape(*ids.shape, table.cols))

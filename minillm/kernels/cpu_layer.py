@@ -31,7 +31,7 @@ from minillm.kernels.cpu_pointwise import rms_norm_rows, rope_heads, silu_mul_ro
 def _project(h, w, bias):  # noqa: ANN001, ANN202
     """h (T, K) @ W.T (+ bias; an empty bias means none) -> (T, N); w is a layer_args tuple."""
     out = np.empty((h.shape[0], w[0]), np.float32)
-    matmul(h, w[1], w[2], w[3], w[4], w[5], w[6], out)
+    matmul(h, w[1], w[2], w[3], w[4], w[5], w[6], w[7], out)
     if bias.shape[0]:
         out += bias
     return out

@@ -29,7 +29,7 @@ Three kernel families cover every format:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -46,13 +46,15 @@ class PackedWeight:
     """A (rows, cols) weight matrix laid out for one kernel family.
 
     ``codes``: q4 uint8 (panels, cols/32, 16, PANEL), [p, b, j, r] = byte j of block b of row
-    PANEL * p + r; q8 int8 (rows, cols); float float32 or uint16 (rows, cols).
-    ``scale``/``offset``: per block, uint16 fp16 bits or float32: q4 (panels, cols/32, PANEL),
-    q8 (rows, cols/block); ``offset`` only for q4 (an empty array otherwise).
+    PANEL * p + r; q8 int8 (rows, cols); q8_panels int8 (panels, cols/32, 8, 4 * PANEL),
+    [p, b, g, 4r + k] = weight 4g + k of block b of row PANEL * p + r; float float32 or uint16
+    (rows, cols). ``scale``/``offset``: per block, uint16 fp16 bits or float32: q4 (panels,
+    cols/32, PANEL), q8 (rows, cols/block), q8_panels (panels, cols/block, PANEL); ``offset``
+    only for q4 (an empty array otherwise).
     """
 
     format: str  # the GGUF format it came from
-    kind: str  # "q4", "q8" or "float"
+    kind: str  # "q4", "q8", "q8_panels" or "float"
     rows: int
     cols: int
     codes: np.ndarray
@@ -61,6 +63,7 @@ class PackedWeight:
     offset_mult: float = 1.0  # q4: value = scale * q + offset_mult * offset
     block: int = 32  # q8: weights per scale
     is_bf16: bool = False  # float kind with uint16 codes: BF16 (else F16)
+    int8_activations: bool = False  # matmuls quantize x to int8 blocks (``cpu_a8``)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,6 +79,7 @@ class PackedWeight:
             self.offset_mult,
             self.block,
             self.is_bf16,
+            self.int8_activations,
         )
 
     @cached_property
@@ -214,8 +218,26 @@ _PACKERS = {
 }
 
 
-def pack_weight(t: QuantTensor) -> PackedWeight:
-    """QuantTensor (rows, cols) -> PackedWeight for the cpu kernels (done once, at load)."""
+def _q8_panels(w: PackedWeight) -> PackedWeight:
+    """A row-major q8 weight in 16-row panels for the int8-activation kernels: per block of
+    32 and group of 4 weights, the 16 rows' 4 bytes side by side (``vpdpbusd``'s lanes)."""
+    padded_rows = -(-w.rows // PANEL) * PANEL
+    codes = np.zeros((padded_rows, w.cols), np.int8)
+    codes[: w.rows] = w.codes
+    grouped = codes.reshape(padded_rows // PANEL, PANEL, w.cols // 32, 8, 4)
+    panels = np.ascontiguousarray(grouped.transpose(0, 2, 3, 1, 4)).reshape(
+        padded_rows // PANEL, w.cols // 32, 8, 4 * PANEL
+    )
+    return PackedWeight(w.format, "q8_panels", w.rows, w.cols, panels, _panels(w.scale, w.rows),
+                        _EMPTY, block=w.block, int8_activations=True)  # fmt: skip
+
+
+def pack_weight(t: QuantTensor, int8_activations: bool = False) -> PackedWeight:
+    """QuantTensor (rows, cols) -> PackedWeight for the cpu kernels (done once, at load).
+
+    int8_activations: the matmuls will quantize x to int8 (W4A8/W8A8, ``cpu_a8``); q4 weights
+    keep their layout, int8 ones move to panels; float weights ignore it (they compute in
+    fp32)."""
     if not isinstance(t, QuantTensor):
         raise TypeError(f"pack_weight needs a QuantTensor, got {type(t).__name__}")
     if t.format not in _PACKERS:
@@ -227,4 +249,9 @@ def pack_weight(t: QuantTensor) -> PackedWeight:
     rows, cols = t.shape
     if t.format not in FLOAT_FORMATS and cols % BLOCK_LAYOUT[t.format][0]:
         raise ValueError(f"{t.format}: {cols} columns are not whole blocks")
-    return _PACKERS[t.format](t, rows, cols)
+    packed = _PACKERS[t.format](t, rows, cols)
+    if not int8_activations or packed.kind == "float":
+        return packed
+    if packed.kind == "q8":
+        return _q8_panels(packed)
+    return replace(packed, int8_activations=True)

@@ -48,6 +48,32 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return y if bias is None else y + bias
 
 
+ACTIVATION_BLOCK = 32  # activations per int8 scale, as llama.cpp's Q8_0 blocks
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, K) -> (q int8 (T, K), d float32 (T, K/32)), x ~ q * d per block of 32.
+
+    d = max|x| / 127 and q = round-half-even(x * (1/d)), in float32 (a block of zeros: d = 0,
+    q = 0). This is the rule of llama.cpp's Q8_0 activation blocks and of the cpu backend's
+    int8 activations (kernels/cpu_a8.py), which are tested to produce the same q and d."""
+    if x.dim() != 2 or x.shape[1] % ACTIVATION_BLOCK:
+        raise ValueError(f"x must be (T, K) with K a multiple of 32, got {tuple(x.shape)}")
+    blocks = x.float().reshape(x.shape[0], -1, ACTIVATION_BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None])  # torch.round: half to even, as rint
+    return q.to(torch.int8).reshape(x.shape), d
+
+
+def linear_int8_activations(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (T, in) @ W (out, in).T with x first quantized to int8 blocks (quantize_activations):
+    what the cpu backend's W4A8 matmul computes, here in float64 on the exact codes."""
+    q, d = quantize_activations(x)
+    x_hat = q.double().reshape(*d.shape, ACTIVATION_BLOCK) * d.double()[..., None]
+    return (x_hat.reshape(x.shape) @ w.double().T).float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, over the last dim."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight

@@ -40,6 +40,11 @@ def warm_up(model: str = "smollm2") -> float:
     engine.add_request("warmup-arriving", question, params)
     while engine.has_unfinished_requests():
         engine.step()
+    # The exact path, fp32 activations (LLM(activations="fp32"), lessons 04 and 09, the tests):
+    # its q8 lm_head keeps rows instead of panels, a signature of its own
+    exact = LLM(model, backend="cpu", activations="fp32")
+    exact.chat(chat, params)
+    exact.generate(["Hello", "Hi there"], params)
     roofline.measure_bandwidth(1, megabytes=1, reps=1)  # lesson 04's two roofs
     roofline.measure_fma_peak(1, steps=10, reps=1)
     # Gemma 3's one kernel of its own (GeGLU); its windowed attention is the same kernel, and

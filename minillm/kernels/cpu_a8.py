@@ -1,0 +1,222 @@
+"""Matmuls with int8 activations (W4A8, W8A8): the way llama.cpp computes on the CPU.
+
+The float kernels (``cpu_q4``, ``cpu_linear``) decode every weight to float32 and spend one
+16-lane fused multiply-add per 16 products. Once several tokens share each weight (batched
+decode, prefill), that arithmetic, not memory, is the wall: 2 cores reach ~500 GFLOP/s of fp32.
+llama.cpp's answer: quantize the *activations* too, to int8 in blocks of 32 with one float scale
+(its Q8_0/Q8_1 blocks), and multiply bytes by bytes. One ``vpdpbusd`` (AVX-512 VNNI) does 64
+byte products and adds them into 16 int32 lanes: four times the products of a float FMA.
+
+    y_n = sum over blocks b of  d_w[n,b] d_x[b] * sum_j q_w[n,j] q_x[j]   +  m_w[n,b] * s_x[b]
+                                                  '----- exact int32 -----'
+where s_x[b] = d_x[b] * sum_j q_x[j] carries the weights' block offset (Q4_1, Q4_K: value =
+d q + m; Q4_0: m = -8 d). The integer sums are exact; the only new error is the rounding of x to
+8 bits (relative ~1/254 per value, averaging out over a dot product).
+
+Weights keep the layout of the float kernels (``cpu_packing``): 4-bit codes in 16-row panels,
+int8 codes row-major, so the two activation modes share one copy of the model. The integer
+dot products are in ``cpu_vnni``; here are the quantizer and the loops around them:
+
+- one token (decode): every weight is used once; memory-bound, as before;
+- groups of ``TOKENS`` tokens (batched decode, prefill): the shuffled weight bytes are reused
+  for 8 tokens, and a token's activations are 4-byte broadcasts from L1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from minillm.kernels.cpu_numerics import (
+    FASTMATH,
+    PREFETCH_AHEAD,
+    as_float,
+    lanes,
+    prefetch_range,
+)
+from minillm.kernels.cpu_packing import PANEL
+from minillm.kernels.cpu_vnni import q4_block_fma, q8_block_fma
+
+QBLOCK = 32  # activations per scale, as llama.cpp's Q8_0
+TOKENS = 8  # tokens per pass in the batched kernels (8 int32 + 8 float32 accumulator registers)
+GROUPS_IN_L2 = 8  # 64 tokens of int8 x (64 x 1536 bytes) stay in L2 while every panel passes
+ONE_BY_ONE_BELOW = TOKENS // 2  # fewer tokens: the one-token kernel per token
+PARALLEL_QUANTIZE_FROM = 16  # tokens; below, one thread quantizes (a thread start costs more)
+
+
+# ----------------------------------------------------------------------------- activations
+@njit(inline="always", cache=True)
+def _quantize_row(x, t, xq, xd, xs, sum16):  # noqa: ANN001, ANN202
+    """Token t: per block of 32, d = max|x| / 127, q = round-half-even(x / d) (ggml's Q8_0
+    rule, with x * (1/d) as ggml computes it); xs = d * sum(q); sum16: sums of 16 q."""
+    for b in range(xd.shape[1]):
+        amax = np.float32(0)
+        for j in range(QBLOCK):
+            amax = max(amax, abs(x[t, b * QBLOCK + j]))
+        d = amax / np.float32(127)
+        inv = np.float32(1) / d if d > 0 else np.float32(0)
+        for h in range(2):
+            half = 0
+            for j in range(16 * h, 16 * h + 16):
+                q = np.int32(np.rint(x[t, b * QBLOCK + j] * inv))
+                xq[t, b * QBLOCK + j] = q
+                half += q
+            sum16[t, 2 * b + h] = half
+        xd[t, b] = d
+        xs[t, b] = d * np.float32(sum16[t, 2 * b] + sum16[t, 2 * b + 1])
+
+
+@njit(inline="always", cache=True)
+def _quantized_buffers(x, multiple):  # noqa: ANN001, ANN202
+    t_rows, k = x.shape
+    padded = -(-t_rows // multiple) * multiple  # zero rows past T: harmless extra tokens
+    xq = np.zeros((padded, k), np.int8)
+    xd = np.zeros((padded, k // QBLOCK), np.float32)
+    xs = np.zeros((padded, k // QBLOCK), np.float32)
+    sum16 = np.zeros((padded, k // 16), np.int32)
+    return xq, xd, xs, sum16
+
+
+@njit(cache=True)
+def _quantize_serial(x, multiple):  # noqa: ANN001, ANN202
+    xq, xd, xs, sum16 = _quantized_buffers(x, multiple)
+    for t in range(x.shape[0]):
+        _quantize_row(x, t, xq, xd, xs, sum16)
+    return xq, xd, xs, sum16
+
+
+@njit(parallel=True, cache=True)
+def _quantize_parallel(x, multiple):  # noqa: ANN001, ANN202
+    xq, xd, xs, sum16 = _quantized_buffers(x, multiple)
+    for t in prange(x.shape[0]):
+        _quantize_row(x, t, xq, xd, xs, sum16)
+    return xq, xd, xs, sum16
+
+
+@njit(cache=True)
+def quantize_activations(x, multiple=1):  # noqa: ANN001, ANN201
+    """x (T, K) float32, K a multiple of 32 -> (xq int8 (T', K), xd (T', K/32) scales,
+    xs (T', K/32) = xd * block sums, sum16 (T', K/16) int32 sums of 16), T' = T rounded up to
+    `multiple` with zero rows."""
+    if x.shape[0] >= PARALLEL_QUANTIZE_FROM:
+        return _quantize_parallel(x, multiple)
+    return _quantize_serial(x, multiple)
+
+
+# ----------------------------------------------------------------------------- q4 panels
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _q4_panel(xq, xd, xs, t0, codes, scale, offset, mult, p, out, tokens, slots):  # noqa: ANN001, ANN202, PLR0913
+    """Panel p's 16 outputs for tokens t0 .. t0 + tokens - 1 (slots = 16 x tokens, a literal)."""
+    nb, k = scale.shape[1], xq.shape[1]
+    xq_flat, codes_flat = xq.reshape(-1), codes.reshape(-1)
+    xd_flat, xs_flat = xd.reshape(-1), xs.reshape(-1)
+    acc, d, m = lanes(slots), lanes(16), lanes(16)
+    for b in range(nb):
+        for r in range(PANEL):
+            d[r], m[r] = as_float(scale[p, b, r]), mult * as_float(offset[p, b, r])
+        q4_block_fma(acc, codes_flat, (p * nb + b) * 16 * PANEL, xq_flat, t0 * k + b * QBLOCK, k,
+                     d, m, xd_flat, xs_flat, t0 * nb + b, nb, tokens)  # fmt: skip
+    n0 = p * PANEL
+    for i in range(min(tokens, out.shape[0] - t0)):
+        for r in range(min(PANEL, out.shape[1] - n0)):
+            out[t0 + i, n0 + r] = acc[16 * i + r]
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q4_a8_one(xq, xd, xs, t, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
+    """Row t of out (T, N) from row t of the quantized x: one token, every panel once."""
+    mult = np.float32(offset_mult)
+    n_panels = codes.shape[0]
+    flat, panel_bytes = codes.reshape(-1), codes.shape[1] * 16 * PANEL
+    for p in prange(n_panels):
+        prefetch_range(flat, p * panel_bytes + PREFETCH_AHEAD, panel_bytes)
+        _q4_panel(xq, xd, xs, t, codes, scale, offset, mult, p, out, 1, 16)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q4_a8_groups(xq, xd, xs, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
+    """out (T, N) for x quantized in groups of TOKENS rows (xq has T rounded up to 8)."""
+    mult = np.float32(offset_mult)
+    n_groups, n_panels = xq.shape[0] // TOKENS, codes.shape[0]
+    for g0 in range(0, n_groups, GROUPS_IN_L2):
+        for p in prange(n_panels):
+            for g in range(g0, min(g0 + GROUPS_IN_L2, n_groups)):
+                _q4_panel(xq, xd, xs, g * TOKENS, codes, scale, offset, mult, p, out, 8, 128)
+
+
+@njit(inline="always", cache=True)
+def q4_a8_matmul(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
+    """out (T, N) = x (T, K) @ W.T with x quantized to int8 blocks (q4 PackedWeight arrays)."""
+    if x.shape[0] < ONE_BY_ONE_BELOW:
+        xq, xd, xs, _ = quantize_activations(x, 1)
+        for t in range(x.shape[0]):
+            q4_a8_one(xq, xd, xs, t, codes, scale, offset, offset_mult, out)
+    else:
+        xq, xd, xs, _ = quantize_activations(x, TOKENS)
+        q4_a8_groups(xq, xd, xs, codes, scale, offset, offset_mult, out)
+
+
+# ----------------------------------------------------------------------------- q8 panels
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _q8_panel(xq, xd, sum16, t0, codes, scale, p, out, tokens, slots):  # noqa: ANN001, ANN202, PLR0913
+    """Panel p's 16 outputs for tokens t0 .. t0 + tokens - 1 (slots = 16 x tokens, a literal).
+    scale (P, K/block, 16): one scale per 32 weights (Q8_0, Q5_0) or per 16 (Q6_K)."""
+    nb, k = codes.shape[1], xq.shape[1]
+    per_block = scale.shape[1] // nb  # 1 or 2 scales per 32 weights
+    xq_flat, codes_flat = xq.reshape(-1), codes.reshape(-1)
+    xd_flat, sum16_flat = xd.reshape(-1), sum16.reshape(-1)
+    acc, d_lo, d_hi = lanes(slots), lanes(16), lanes(16)
+    for b in range(nb):
+        for r in range(PANEL):
+            d_lo[r] = as_float(scale[p, per_block * b, r])
+            d_hi[r] = as_float(scale[p, per_block * b + per_block - 1, r])
+        q8_block_fma(acc, codes_flat, (p * nb + b) * 32 * PANEL, xq_flat, t0 * k + b * QBLOCK, k,
+                     d_lo, d_hi, xd_flat, t0 * 2 * nb + 2 * b, 2 * nb, sum16_flat, tokens)  # fmt: skip
+    n0 = p * PANEL
+    for i in range(min(tokens, out.shape[0] - t0)):
+        for r in range(min(PANEL, out.shape[1] - n0)):
+            out[t0 + i, n0 + r] = acc[16 * i + r]
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q8_a8_one(xq, xd, sum16, t, codes, scale, out):  # noqa: ANN001, ANN201
+    """Row t of out from row t of the quantized x: one token, every panel once."""
+    flat, panel_bytes = codes.reshape(-1), codes.shape[1] * 32 * PANEL
+    for p in prange(codes.shape[0]):
+        prefetch_range(flat, p * panel_bytes + PREFETCH_AHEAD, panel_bytes)
+        _q8_panel(xq, xd, sum16, t, codes, scale, p, out, 1, 16)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def q8_a8_groups(xq, xd, sum16, codes, scale, out):  # noqa: ANN001, ANN201
+    """out (T, N) for x quantized in groups of TOKENS rows (xq has T rounded up to 8)."""
+    n_groups, n_panels = xq.shape[0] // TOKENS, codes.shape[0]
+    for g0 in range(0, n_groups, GROUPS_IN_L2):
+        for p in prange(n_panels):
+            for g in range(g0, min(g0 + GROUPS_IN_L2, n_groups)):
+                _q8_panel(xq, xd, sum16, g * TOKENS, codes, scale, p, out, 8, 128)
+
+
+@njit(inline="always", cache=True)
+def q8_a8_matmul(x, codes, scale, out):  # noqa: ANN001, ANN201
+    """out (T, N) = x (T, K) @ W.T for a q8 panel PackedWeight's arrays (``cpu_packing``)."""
+    if x.shape[0] < ONE_BY_ONE_BELOW:
+        xq, xd, _, sum16 = quantize_activations(x, 1)
+        for t in range(x.shape[0]):
+            q8_a8_one(xq, xd, sum16, t, codes, scale, out)
+    else:
+        xq, xd, _, sum16 = quantize_activations(x, TOKENS)
+        q8_a8_groups(xq, xd, sum16, codes, scale, out)
+
+
+# No fastmath here: d * q rounds once, exactly as the reference dequantizer does.
+@njit(parallel=True, cache=True)
+def q8_panel_rows(ids, codes, scale, out):  # noqa: ANN001, ANN201
+    """out[t] = dequantized row ids[t] of a q8 panel weight (embedding lookup)."""
+    per_block = scale.shape[1] // codes.shape[1]
+    for t in prange(ids.shape[0]):
+        p, r = ids[t] // PANEL, ids[t] % PANEL
+        for b in range(codes.shape[1]):
+            for j in range(QBLOCK):
+                d = as_float(scale[p, per_block * b + (j // 16) * (per_block - 1), r])
+                out[t, b * QBLOCK + j] = d * np.float32(codes[p, b, j // 4, 4 * r + j % 4])

@@ -1,0 +1,280 @@
+"""Integer dot products of int8 activations with 4- and 8-bit weights, as LLVM vector code.
+
+The int8-activation kernels (``cpu_a8``) spend their time in one operation: multiply 64 unsigned
+bytes by 64 signed bytes and add each group of four products into one of 16 int32 lanes. With
+AVX-512 VNNI that is one instruction, ``vpdpbusd``; llama.cpp's Q8 x Q4 dot products are built on
+it (and on AVX2's ``vpmaddubsw`` + ``vpmaddwd`` pair where VNNI is missing). Numba cannot write
+a vector type, so the two helpers here are intrinsics that emit the LLVM IR themselves: loads of
+64 bytes, the byte shuffle, nibble masks, broadcasts, and the dot product.
+
+- ``q4_block_dot``: one block (32 weights) of one 16-row panel (``cpu_packing``) against up to
+  ``tokens`` tokens. The panel stores byte j of the block's 16 rows side by side; ``vpermb``
+  turns 64 of those bytes (bytes j..j+3 of 16 rows) into 16 lanes of four consecutive weights
+  of one row each, the low nibbles being weights j..j+3 and the high ones j+16..j+19.
+- ``q8_chunk_dot``: 64 consecutive int8 weights of one row against ``tokens`` tokens. VNNI
+  multiplies *unsigned* by signed bytes, so the weights get 128 added (one xor of the sign bit)
+  and 128 x (the activations' sums of four) is taken off again: exact.
+
+Where the CPU lacks VNNI the same sums are written as plain LLVM integer arithmetic (widen,
+multiply, add in fours), which every x86 (and ARM) target compiles: the results are identical,
+only slower. ``HAS_VNNI`` says which path this machine compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+
+def _target_has(feature: str) -> bool:
+    """Whether the code Numba compiles may use `feature` (Numba targets the host CPU unless
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise)."""
+    if config.CPU_FEATURES:
+        return f"+{feature}" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return False  # a named portable target (e.g. generic): assume the least
+    return bool(llvm.get_host_cpu_features().get(feature, False))
+
+
+# MINILLM_NO_VNNI=1 compiles the portable path on a VNNI machine (tests compare the two; use a
+# separate NUMBA_CACHE_DIR, since the cache does not know about this switch).
+HAS_VNNI = (
+    _target_has("avx512vnni") and _target_has("avx512bw") and not os.environ.get("MINILLM_NO_VNNI")
+)
+
+_I8, _I32 = ir.IntType(8), ir.IntType(32)
+_BYTES, _LANES = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
+_FLOATS = ir.VectorType(ir.FloatType(), 16)
+# vpermb: lane r of the result gets bytes 16k + r (k = 0..3) of a panel's 64 bytes (j = k, row r)
+_PANEL_TO_LANES = ir.Constant(
+    ir.VectorType(_I32, 64), [16 * k + r for r in range(16) for k in range(4)]
+)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vector_type: ir.VectorType) -> ir.Value:
+    first = builder.insert_element(
+        ir.Constant(vector_type, ir.Undefined), value, ir.Constant(_I32, 0)
+    )
+    zeros = ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined), zeros)
+
+
+def _dpbusd(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+    """acc[l] + sum over k < 4 of unsigned[4l + k] * signed[4l + k] (16 int32 lanes)."""
+    if HAS_VNNI:
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(_LANES, [_LANES, _BYTES, _BYTES]),
+            "llvm.x86.avx512.vpdpbusd.512",
+        )
+        return builder.call(fn, [acc, unsigned, signed])
+    wide = ir.VectorType(_I32, 64)
+    products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
+    for k in range(4):
+        part = builder.shuffle_vector(
+            products, ir.Constant(wide, ir.Undefined), ir.Constant(_LANES, list(range(k, 64, 4)))
+        )
+        acc = builder.add(acc, part)
+    return acc
+
+
+def _pointer(context, builder, array_type, array, index, index_type) -> ir.Value:  # noqa: ANN001
+    """i8* to array[index] of a 1-D array (no bounds check: the kernels compute the offsets)."""
+    ary = context.make_array(array_type)(context, builder, array)
+    index = context.cast(builder, index, index_type, types.intp)
+    ptr = cgutils.get_item_pointer(
+        context, builder, array_type, ary, [index], wraparound=False, boundscheck=False
+    )
+    return builder.bitcast(ptr, _I8.as_pointer())
+
+
+def _at(builder: ir.IRBuilder, ptr: ir.Value, offset: ir.Value | int) -> ir.Value:
+    if isinstance(offset, int):
+        offset = ir.Constant(ir.IntType(64), offset)
+    return builder.gep(ptr, [offset])
+
+
+def _load(builder: ir.IRBuilder, ptr: ir.Value, vector_type: ir.Type) -> ir.Value:
+    return builder.load(builder.bitcast(ptr, vector_type.as_pointer()), align=1)
+
+
+def _is_1d(array: types.Type, dtype: types.Type) -> bool:
+    return isinstance(array, types.Array) and array.ndim == 1 and array.dtype == dtype
+
+
+def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    """a * b + c in 16 float lanes, one rounding (``vfmadd``)."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_FLOATS, [_FLOATS] * 3), "llvm.fma.v16f32"
+    )
+    return builder.call(fn, [a, b, c])
+
+
+def _float_lanes(builder: ir.IRBuilder, ptr: ir.Value, lane: int) -> ir.Value:
+    """Pointer to 16 floats from float index `lane` of a float32 array's data (i8*)."""
+    floats = builder.bitcast(ptr, ir.FloatType().as_pointer())
+    return builder.bitcast(_at(builder, floats, lane), _FLOATS.as_pointer())
+
+
+def _scalar(context, builder, array_type, array, index, index_type) -> ir.Value:  # noqa: ANN001
+    """array[index] of a 1-D float32 array, as an LLVM float."""
+    ptr = _pointer(context, builder, array_type, array, index, index_type)
+    return builder.load(builder.bitcast(ptr, ir.FloatType().as_pointer()))
+
+
+@intrinsic
+def q4_block_fma(
+    typingctx, acc, codes, w_at, xq, x_at, x_stride, d, m, xd, xs, s_at, s_stride, tokens
+):  # noqa: ANN001, ANN201, PLR0913
+    """One block (32 weights) of a 16-row panel against `tokens` tokens, accumulated:
+
+        acc[16 i + r] += (d[r] xd_i) * sum_j q[r, j] a_i[j]  +  m[r] xs_i
+
+    the sum exact in int32 (``vpdpbusd``). codes: the q4 codes (uint8, flat), w_at: the block's
+    first byte (256 bytes, [j][row]); xq: int8 activations (flat), token i's block from
+    x_at + i x_stride; d, m: the block's 16 weight scales and offsets (float32); xd, xs: the
+    activations' block scales and d x sums (float32, flat), token i's at s_at + i s_stride;
+    acc: 16 x tokens float32 (a stack array: LLVM keeps it in registers); tokens: a literal.
+
+    The float update is here too, not in Numba code: there LLVM vectorized it across the
+    tokens, with gathers and scatters, and the kernel ran at a tenth of its speed."""
+    ok = (
+        _is_1d(acc, types.float32)
+        and _is_1d(codes, types.uint8)
+        and _is_1d(xq, types.int8)
+        and all(_is_1d(v, types.float32) for v in (d, m, xd, xs))
+        and isinstance(tokens, types.IntegerLiteral)
+    )
+    if not ok:
+        return None
+    n_tokens = tokens.literal_value
+    sig = types.none(acc, codes, w_at, xq, x_at, x_stride, d, m, xd, xs, s_at, s_stride, tokens)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        acc_v, codes_v, w_at_v, xq_v, x_at_v, xstr_v, d_v, m_v, xd_v, xs_v, s_at_v, sstr_v, _ = args
+        a = signature.args
+        w = _pointer(context, builder, codes, codes_v, w_at_v, a[2])
+        x0 = _pointer(context, builder, xq, xq_v, x_at_v, a[4])
+        x_stride = context.cast(builder, xstr_v, a[5], types.intp)
+        zero_at = ir.Constant(_I32, 0)
+        acc_p = _pointer(context, builder, acc, acc_v, zero_at, types.int32)
+        d_vec = builder.load(_float_lanes(builder, _pointer(context, builder, d, d_v, zero_at,
+                                                            types.int32), 0), align=4)  # fmt: skip
+        m_vec = builder.load(_float_lanes(builder, _pointer(context, builder, m, m_v, zero_at,
+                                                            types.int32), 0), align=4)  # fmt: skip
+        s_at = context.cast(builder, s_at_v, a[10], types.intp)
+        s_stride = context.cast(builder, sstr_v, a[11], types.intp)
+        low_mask, four = ir.Constant(_BYTES, [0x0F] * 64), ir.Constant(_BYTES, [4] * 64)
+        lo, hi = [], []
+        for g in range(4):  # bytes 4g..4g+3 of 16 rows: weights 4g.. (low) and 16+4g.. (high)
+            raw = _load(builder, _at(builder, w, 64 * g), _BYTES)
+            lanes = builder.shuffle_vector(raw, ir.Constant(_BYTES, ir.Undefined), _PANEL_TO_LANES)
+            lo.append(builder.and_(lanes, low_mask))
+            hi.append(builder.lshr(lanes, four))
+        zero = ir.Constant(_LANES, [0] * 16)
+        for i in range(n_tokens):
+            step = ir.Constant(ir.IntType(64), i)
+            xi = _at(builder, x0, builder.mul(x_stride, step))
+            acc_lo, acc_hi = zero, zero  # two chains: half the dependent-latency path
+            for g in range(4):
+                a_lo = _splat(builder, _load(builder, _at(builder, xi, 4 * g), _I32), _LANES)
+                a_hi = _splat(builder, _load(builder, _at(builder, xi, 16 + 4 * g), _I32), _LANES)
+                acc_lo = _dpbusd(builder, acc_lo, lo[g], builder.bitcast(a_lo, _BYTES))
+                acc_hi = _dpbusd(builder, acc_hi, hi[g], builder.bitcast(a_hi, _BYTES))
+            total = builder.sitofp(builder.add(acc_lo, acc_hi), _FLOATS)
+            at = builder.add(s_at, builder.mul(s_stride, step))
+            dx = _splat(builder, _scalar(context, builder, xd, xd_v, at, types.intp), _FLOATS)
+            sx = _splat(builder, _scalar(context, builder, xs, xs_v, at, types.intp), _FLOATS)
+            slot = _float_lanes(builder, acc_p, 16 * i)
+            value = _fma(builder, total, builder.fmul(d_vec, dx), builder.load(slot, align=4))
+            builder.store(_fma(builder, m_vec, sx, value), slot, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def q8_block_fma(
+    typingctx, acc, codes, w_at, xq, x_at, x_stride, d_lo, d_hi, xd, s_at, s_stride, sum16, tokens
+):  # noqa: ANN001, ANN201, PLR0913
+    """One block (32 int8 weights) of a 16-row q8 panel against `tokens` tokens, accumulated:
+
+        acc[16 i + r] += xd_i (d_lo[r] sum_{j<16} w[r, j] a_i[j] + d_hi[r] sum_{j>=16} ...)
+
+    the sums exact in int32. codes: the panel's int8 codes (flat), w_at: the block's first
+    byte (512 bytes: [j // 4][row][j % 4], already in ``vpdpbusd``'s lane order); the weights
+    get 128 added (one xor of the sign bit: ``vpdpbusd`` multiplies unsigned by signed bytes)
+    and 128 x the activations' sums of 16 (sum16, int32, flat; token i's two at
+    s_at + i s_stride) are taken off again. d_lo, d_hi: the 16 rows' scales of the block's two
+    halves (equal unless the format has 16-blocks, as Q6_K); xq, x_at, x_stride, xd (flat, token
+    i's block scale at s_at / 2 + ...): as ``q4_block_fma``; acc: 16 x tokens float32."""
+    ok = (
+        _is_1d(acc, types.float32)
+        and _is_1d(codes, types.int8)
+        and _is_1d(xq, types.int8)
+        and all(_is_1d(v, types.float32) for v in (d_lo, d_hi, xd))
+        and _is_1d(sum16, types.int32)
+        and isinstance(tokens, types.IntegerLiteral)
+    )
+    if not ok:
+        return None
+    n_tokens = tokens.literal_value
+    sig = types.none(acc, codes, w_at, xq, x_at, x_stride, d_lo, d_hi, xd, s_at, s_stride, sum16,
+                     tokens)  # fmt: skip
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        acc_v, codes_v, w_at_v, xq_v, x_at_v, xstr_v, dlo_v, dhi_v, xd_v, s_at_v, sstr_v, s16_v = (
+            args[:12]
+        )
+        a, i64 = signature.args, ir.IntType(64)
+        w = _pointer(context, builder, codes, codes_v, w_at_v, a[2])
+        x0 = _pointer(context, builder, xq, xq_v, x_at_v, a[4])
+        x_stride = context.cast(builder, xstr_v, a[5], types.intp)
+        s_at = context.cast(builder, s_at_v, a[9], types.intp)  # in halves (16-weight units)
+        s_stride = context.cast(builder, sstr_v, a[10], types.intp)
+        zero_at = ir.Constant(_I32, 0)
+        acc_p = _pointer(context, builder, acc, acc_v, zero_at, types.int32)
+
+        def vector(array_type, value):  # noqa: ANN001, ANN202
+            ptr = _pointer(context, builder, array_type, value, zero_at, types.int32)
+            return builder.load(_float_lanes(builder, ptr, 0), align=4)
+
+        d_lo_vec, d_hi_vec = vector(d_lo, dlo_v), vector(d_hi, dhi_v)
+        sign = ir.Constant(_BYTES, [0x80] * 64)
+        unsigned = [builder.xor(_load(builder, _at(builder, w, 64 * g), _BYTES), sign)
+                    for g in range(8)]  # fmt: skip
+        zero, two = ir.Constant(_LANES, [0] * 16), ir.Constant(i64, 2)
+        for i in range(n_tokens):
+            step = ir.Constant(i64, i)
+            xi = _at(builder, x0, builder.mul(x_stride, step))
+            halves = []
+            for h in range(2):  # weights 0..15 and 16..31: one scale each
+                acc_h = zero
+                for g in range(4 * h, 4 * h + 4):
+                    word = _splat(builder, _load(builder, _at(builder, xi, 4 * g), _I32), _LANES)
+                    acc_h = _dpbusd(builder, acc_h, unsigned[g], builder.bitcast(word, _BYTES))
+                at = builder.add(
+                    builder.add(s_at, builder.mul(s_stride, step)), ir.Constant(i64, h)
+                )
+                sum_h = _pointer(context, builder, sum16, s16_v, at, types.intp)
+                offset = builder.load(builder.bitcast(sum_h, _I32.as_pointer()))
+                acc_h = builder.sub(acc_h, _splat(builder, builder.shl(offset, ir.Constant(_I32, 7)),
+                                                  _LANES))  # fmt: skip
+                halves.append(builder.sitofp(acc_h, _FLOATS))
+            block_at = builder.sdiv(builder.add(s_at, builder.mul(s_stride, step)), two)
+            dx = _splat(builder, _scalar(context, builder, xd, xd_v, block_at, types.intp), _FLOATS)
+            slot = _float_lanes(builder, acc_p, 16 * i)
+            value = _fma(
+                builder, halves[0], builder.fmul(d_lo_vec, dx), builder.load(slot, align=4)
+            )
+            builder.store(
+                _fma(builder, halves[1], builder.fmul(d_hi_vec, dx), value), slot, align=4
+            )
+        return context.get_dummy_value()
+
+    return sig, codegen
