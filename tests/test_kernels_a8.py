@@ -191,3 +191,56 @@ def test_portable_path_equals_the_vnni_path(tmp_path) -> None:  # noqa: ANN001
     _fresh_process(code.format(path=str(here)), {}, cache=os.environ.get("NUMBA_CACHE_DIR"))
     assert _fresh_process(code.format(path=str(portable)), {"MINILLM_NO_VNNI": "1"}) == "False"
     np.testing.assert_array_equal(np.load(here), np.load(portable))
+
+
+# ----------------------------------------------------------------------------- whole model
+@pytest.fixture
+def one_thread():  # noqa: ANN201
+    """Whole-model runs on one thread (a busy 2-core machine cannot stall thread barriers);
+    results do not depend on the thread count."""
+    import numba
+
+    before = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    numba.set_num_threads(before[0])
+    torch.set_num_threads(before[1])
+
+
+def test_bundled_model_perplexity_within_one_percent_of_fp32(one_thread) -> None:  # noqa: ANN001
+    """Quantizing every matmul input to 8 bits costs the bundled model under 1% perplexity on
+    the stdlib corpus (2048 tokens in windows of 512), against the fp32-activation path."""
+    from minillm.compress.evaluate import perplexity, stdlib_docs_corpus
+    from minillm.loader import load_model
+
+    models = {mode: load_model("smollm2", "cpu", activations=mode) for mode in ("fp32", "int8")}
+    ids = models["fp32"].tokenizer.encode(stdlib_docs_corpus())
+    ppl = {mode: perplexity(m.model, ids, max_tokens=2048) for mode, m in models.items()}
+    assert ppl["int8"].num_tokens == ppl["fp32"].num_tokens > 2000
+    change = ppl["int8"].delta_pct(ppl["fp32"])
+    assert abs(change) < 1.0, f"int8 activations change perplexity by {change:+.2f}%"
+    assert ppl["int8"].value != ppl["fp32"].value  # two different paths really ran
+
+
+def test_bundled_model_batched_equals_one_at_a_time(one_thread) -> None:  # noqa: ANN001
+    """Greedy tokens of 4 prompts decoded together equal each decoded alone: a token's int8
+    blocks depend on its own activations only."""
+    from minillm import LLM, SamplingParams
+
+    llm = LLM("smollm2", backend="cpu")
+    assert llm.loaded.model.layers[0].wq.int8_activations  # the default for quantized weights
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "Colors:"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
+
+
+def test_activations_option_is_checked_early() -> None:
+    from minillm import LLM
+
+    with pytest.raises(ValueError, match="activations must be one of int8, fp32, got 'int4'"):
+        LLM("smollm2", backend="cpu", activations="int4")
+    with pytest.raises(ValueError, match="the ref backend computes in fp32 only"):
+        LLM("smollm2", backend="ref", activations="int8")

@@ -489,6 +489,22 @@ def test_fused_decode_equals_op_by_op(
     assert all(torch.equal(a, b) for a, b in zip(got_k + got_v, want_k + want_v, strict=True))
 
 
+@pytest.mark.parametrize("which", ["bundled", "tiny-qwen2-q4"])
+def test_fused_decode_equals_op_by_op_with_int8_activations(
+    which: str, bundled_gguf_path, tmp_path
+) -> None:  # noqa: ANN001
+    """The same, bit for bit, when the matmuls quantize their inputs to int8 (cpu_a8)."""
+    from minillm.testing import make_tiny_model
+
+    path = bundled_gguf_path if which == "bundled" else make_tiny_model(tmp_path, arch="qwen2")
+    with cpu.activations("int8"):
+        (want, want_k, want_v), (got, got_k, got_v) = _decode_both_ways(
+            str(path), to_q4=which.endswith("q4")
+        )
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_k + got_v, want_k + want_v, strict=True))
+
+
 def test_fused_decode_sees_a_replaced_weight(tmp_path) -> None:  # noqa: ANN001
     from minillm.testing import make_tiny_model
 
