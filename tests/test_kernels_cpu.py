@@ -158,9 +158,9 @@ def test_exp_f32_matches_exp() -> None:
 
 
 def test_roofline_kernels_compute_what_they_claim() -> None:
-    """The two roof measurements run real arithmetic: array_sum sums (exactly, on integers),
-    fma_chains follows a = a * m + e (against numpy's float32 recurrence), and both come
-    back as positive rates."""
+    """The roof measurements run real arithmetic: array_sum sums (exactly, on integers),
+    fma_chains follows a = a * m + e (against numpy's float32 recurrence), int8_chains adds
+    exactly what vpdpbusd adds, and all come back as positive rates."""
     from minillm.kernels import roofline
 
     a = np.arange(1000, dtype=np.float32)
@@ -174,6 +174,10 @@ def test_roofline_kernels_compute_what_they_claim() -> None:
         assert out[c] == pytest.approx(192 * acc, rel=1e-5)  # 6 x 32 accumulators
     assert roofline.measure_fma_peak(1, steps=1000, reps=1) > 0
     assert roofline.measure_bandwidth(1, megabytes=8, reps=1) > 0
+    counts = np.zeros(2, np.int64)
+    roofline.int8_chains(50, counts)  # 6 chains x 16 lanes, each + 1 x 1 four times a round
+    assert counts.tolist() == [6 * 16 * 4 * 50] * 2
+    assert roofline.measure_int8_peak(1, steps=1000, reps=1) > 0
 
 
 def test_q5_0_widens_to_int8_exactly() -> None:

@@ -278,3 +278,33 @@ def q8_block_fma(
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+CHAINS = 6  # independent accumulators in dpbusd_chain: enough to hide the instruction's latency
+
+
+@intrinsic
+def dpbusd_chain(typingctx, steps):  # noqa: ANN001, ANN201 - Numba intrinsic signature
+    """`steps` rounds of CHAINS independent ``vpdpbusd`` (64 byte multiply-adds each) on
+    registers only, for the int8 roof (``roofline.measure_int8_peak``); returns the sum of every
+    lane, so LLVM cannot drop the loop."""
+    if not isinstance(steps, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        ones = ir.Constant(_BYTES, [1] * 64)
+        zero = ir.Constant(_LANES, [0] * 16)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(CHAINS)]
+        count = context.cast(builder, args[0], signature.args[0], types.intp)
+        with cgutils.for_range(builder, count):
+            for slot in accs:
+                builder.store(_dpbusd(builder, builder.load(slot), ones, ones), slot)
+        total = builder.load(accs[0])
+        for slot in accs[1:]:
+            total = builder.add(total, builder.load(slot))
+        reduce = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I32, [_LANES]), "llvm.vector.reduce.add.v16i32"
+        )
+        return builder.sext(builder.call(reduce, [total]), ir.IntType(64))
+
+    return types.int64(steps), codegen

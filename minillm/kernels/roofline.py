@@ -1,10 +1,12 @@
-"""This machine's two roofs, measured with Numba: memory read bandwidth and fp32 FMA peak.
+"""This machine's roofs, measured with Numba: memory read bandwidth, fp32 FMA and int8 peaks.
 
 The roofline model bounds a kernel's speed by whichever runs out first: bytes it reads /
 bandwidth, or FLOPs it does / peak FLOP rate. Decode reads every weight for one multiply-add
 (~3 FLOP per byte of Q4_1) and sits under the bandwidth roof; a batch of T tokens does T times
 the FLOPs per byte and meets the compute roof. Lesson 04 and ``benchmarks/bench_kernels.py``
-measure both roofs here rather than quoting a datasheet.
+measure the roofs here rather than quoting a datasheet. The int8 roof is the one the int8
+activation kernels (``cpu_a8``) run under: ``vpdpbusd`` does 64 byte multiply-adds where an
+fp32 FMA does 16.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from minillm.kernels.cpu_numerics import FASTMATH, lanes
+from minillm.kernels.cpu_vnni import CHAINS, dpbusd_chain
 
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
@@ -50,6 +53,14 @@ def fma_chains(steps, out):  # noqa: ANN001, ANN201
         out[c] = total
 
 
+@njit(parallel=True, cache=True)
+def int8_chains(steps, out):  # noqa: ANN001, ANN201
+    """Item c of out: the lane sum of CHAINS register accumulators after `steps` rounds of
+    vpdpbusd each (cpu_vnni.dpbusd_chain)."""
+    for c in prange(out.shape[0]):
+        out[c] = dpbusd_chain(steps)
+
+
 def best_seconds(fn, reps: int) -> float:  # noqa: ANN001
     """The fastest of `reps` runs: the one least disturbed by other programs on the cores."""
     times = []
@@ -75,3 +86,15 @@ def measure_fma_peak(threads: int, steps: int = 1_000_000, reps: int = 3) -> flo
     out = np.zeros(threads, np.float32)
     fma_chains(10, out)
     return 2 * 6 * 32 * steps * threads / best_seconds(lambda: fma_chains(steps, out), reps) / 1e9
+
+
+def measure_int8_peak(threads: int, steps: int = 1_000_000, reps: int = 3) -> float:
+    """Peak int8 throughput in GOP/s (a byte multiply-add counts 2, as in the fp32 roof) on
+    `threads` threads: what the int8 activation kernels could reach at best."""
+    numba.set_num_threads(threads)
+    out = np.zeros(threads, np.int64)
+    int8_chains(10, out)
+    seconds = best_seconds(lambda: int8_chains(steps, out), reps)
+    if out[0] != 4 * 16 * CHAINS * steps:  # each round adds 4 (1 x 1, four times) per lane
+        raise RuntimeError(f"int8 peak kernel computed {out[0]}, not {4 * 16 * CHAINS * steps}")
+    return 2 * 64 * CHAINS * steps * threads / seconds / 1e9

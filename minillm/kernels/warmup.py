@@ -45,8 +45,9 @@ def warm_up(model: str = "smollm2") -> float:
     exact = LLM(model, backend="cpu", activations="fp32")
     exact.chat(chat, params)
     exact.generate(["Hello", "Hi there"], params)
-    roofline.measure_bandwidth(1, megabytes=1, reps=1)  # lesson 04's two roofs
+    roofline.measure_bandwidth(1, megabytes=1, reps=1)  # lesson 04's roofs
     roofline.measure_fma_peak(1, steps=10, reps=1)
+    roofline.measure_int8_peak(1, steps=10, reps=1)
     # Gemma 3's one kernel of its own (GeGLU); its windowed attention is the same kernel, and
     # running the model here would assemble its 253 MB file during setup
     import torch
