@@ -61,6 +61,8 @@ class Config:
 
 
 OP_BY_OP = "cpu-op-by-op"  # the cpu engine with its fused decode layer switched off
+CPU_FP32 = "cpu-fp32"  # the cpu engine with fp32 activations (the exact path)
+AGREEMENT_PROMPTS = 4  # prompts whose greedy continuations are compared between engines
 
 FULL = Config(prefill_len=256, decode_tokens=64, reps=3, batch=16, batch_tokens=32)
 QUICK = Config(prefill_len=64, decode_tokens=16, reps=1, batch=4, batch_tokens=8)
@@ -178,8 +180,9 @@ def hf_engine(gguf: Path) -> tuple[Callable, Callable]:
     return _rates(generate_seconds)
 
 
-def llama_cpp_engine(gguf: Path, threads: int) -> tuple[Callable, Callable] | None:
-    """llama.cpp through llama-cpp-python, when it is installed: (prefill fn, decode fn)."""
+def llama_cpp_engine(gguf: Path, threads: int) -> tuple[Callable, Callable, Callable] | None:
+    """llama.cpp through llama-cpp-python, when it is installed: (prefill fn, decode fn,
+    greedy fn: prompt ids, n -> the n greedy token ids)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -194,7 +197,46 @@ def llama_cpp_engine(gguf: Path, threads: int) -> tuple[Callable, Callable] | No
         llm.create_completion(ids, max_tokens=n, temperature=0.0, logit_bias=no_eos)
         return time.perf_counter() - t0
 
-    return _rates(generate_seconds)
+    def greedy(ids: list[int], n: int) -> list[int]:
+        tokens: list[int] = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            tokens.append(int(token))
+            if len(tokens) == n:
+                break
+        return tokens
+
+    return (*_rates(generate_seconds), greedy)
+
+
+# ----------------------------------------------------------------------------- agreement
+def prefix_agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """Mean fraction of `want`'s greedy tokens that `got` matches before the first difference
+    (after it, the two continue different texts and are no longer comparable)."""
+    fractions = []
+    for a, b in zip(got, want, strict=True):
+        same = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        fractions.append(same / max(len(b), 1))
+    return sum(fractions) / len(fractions)
+
+
+def greedy_agreement(
+    llms: dict, llama_greedy: Callable | None, prompts: list[list[int]], n: int
+) -> dict[str, float]:
+    """Greedy agreement of int8 activations with the fp32 path, and of both with llama.cpp
+    (which quantizes activations to 8 bits the same way) when it is installed."""
+    from minillm import SamplingParams
+
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    tokens = {name: [o.outputs[0].token_ids for o in llms[name].generate(prompts, params)]
+              for name in ("cpu", CPU_FP32)}  # fmt: skip
+    result = {"`cpu` (int8) vs `cpu-fp32`": prefix_agreement(tokens["cpu"], tokens[CPU_FP32])}
+    if llama_greedy is not None:
+        reference = [llama_greedy(p, n) for p in prompts]
+        result["`cpu` (int8) vs llama.cpp"] = prefix_agreement(tokens["cpu"], reference)
+        result["`cpu-fp32` vs llama.cpp"] = prefix_agreement(tokens[CPU_FP32], reference)
+    return result
 
 
 # ----------------------------------------------------------------------------- compile time
@@ -267,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kw = dict(enable_prefix_caching=False, max_num_seqs=max(cfg.batch, 1))
     llms = {b: LLM(args.model, backend=b, **kw) for b in ("ref", "cpu")}
+    llms[CPU_FP32] = LLM(args.model, backend="cpu", activations="fp32", **kw)
     gguf = llms["cpu"].loaded.path
     ids = prompt_ids(llms["cpu"].tokenizer, cfg.prefill_len)
     short = ids[:16]
@@ -281,14 +324,14 @@ def main(argv: list[str] | None = None) -> int:
                lambda p, n, llm=llm: minillm_decode(llm, p, n))
         for name, llm in minillms.items()
     }  # fmt: skip
-    notes = []
+    notes, llama_greedy = [], None
     if not args.no_peers and gguf.suffix == ".gguf":
         engines["transformers"] = hf_engine(gguf)
         peer = llama_cpp_engine(gguf, args.threads)
         if peer is None:
             notes.append("llama.cpp: `llama_cpp` (llama-cpp-python) is not installed here")
         else:
-            engines["llama.cpp"] = peer
+            engines["llama.cpp"], llama_greedy = peer[:2], peer[2]
     for prefill, decode in engines.values():  # warm-up: compile kernels, fill caches
         prefill(ids[:32])
         decode(short, 4)
@@ -306,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     batched = {b: _median([minillm_batched(llm, prompts, cfg.batch_tokens)
                            for _ in range(cfg.reps)]) for b, llm in llms.items()}  # fmt: skip
 
+    agreement = greedy_agreement(llms, llama_greedy, prompts[:AGREEMENT_PROMPTS], cfg.batch_tokens)
     bandwidth_after = roofline.measure_bandwidth(args.threads)
     bandwidth = max(bandwidth_before, bandwidth_after)  # the stricter roofline
     fma_peak = roofline.measure_fma_peak(args.threads)
+    int8_peak = roofline.measure_int8_peak(args.threads)
     gemm_gflops = measure_gemm_gflops(args.threads)
     flops_per_token = decode_flops_per_token(llms["cpu"].loaded.model)
     batch_ceiling = fma_peak * 1e9 / flops_per_token
@@ -329,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in engines:
         d = decode_med[name]
         label = f"`{name}`" if name in llms else "`cpu`, op by op" if name == OP_BY_OP else name
+        label += " (int8 activations)" if name == "cpu" else ""
         rows.append([label, _fmt(prefill_med[name]), _fmt(d),
                      f"{d / hf:.2f}x" if hf else "-", f"{d / lc:.2f}x" if lc else "-",
                      f"{d * engine_bytes.get(name, bytes_per_token) / bandwidth / 1e7:.0f}%"])  # fmt: skip
@@ -347,6 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     if lc:
         verdicts.append(f"{cpu / lc:.2f}x llama.cpp (target >= 0.5x)")
     verdicts.append(f"batched x{cfg.batch} = {batched['cpu'] / cpu:.1f}x one stream (target >= 6x)")
+    exact = CPU_FP32
+    verdicts.append(
+        f"int8 against fp32 activations: single-stream decode {cpu / decode_med[exact]:.2f}x "
+        f"(target >= 1x), prefill {prefill_med['cpu'] / prefill_med[exact]:.2f}x (target >= "
+        f"1.5x) and {prefill_med['cpu'] / prefill_med['ref']:.2f}x `ref`'s (target >= 1x), "
+        f"{cfg.batch}-stream aggregate {batched['cpu'] / batched[exact]:.2f}x (target >= 2x)"
+    )
+    agreement_rows = [[pair, f"{value:.0%}"] for pair, value in agreement.items()]
+    agreement_table = _report.markdown_table(
+        ["greedy tokens", "agreement (share of tokens before the first difference)"],
+        agreement_rows,
+    )
     command = "python benchmarks/bench_kernels.py" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads}" + (" --no-peers" if args.no_peers else "")
     if args.model != "smollm2":
@@ -396,7 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{6 * cpu * flops_per_token / fma_peak / 1e7:.0f}% of that roof at T = {cfg.batch}. "
         f"`cpu`'s {cfg.batch}-stream batch computes at "
         f"{batched['cpu'] * flops_per_token / 1e9:.0f} GFLOP/s, "
-        f"{batched['cpu'] / batch_ceiling:.0%} of the roof.\n\n"
+        f"{batched['cpu'] / batch_ceiling:.0%} of the roof. int8 activations move the roof: "
+        f"`vpdpbusd` chains in registers reach **{int8_peak:.0f} GOP/s** (a byte multiply-add "
+        f"counts 2), {int8_peak / fma_peak:.1f}x the fp32 roof, so an int8 engine's ceiling is "
+        f"{int8_peak * 1e9 / flops_per_token:.0f} tokens/s; `cpu`'s batch computes at "
+        f"{batched['cpu'] * flops_per_token / int8_peak / 1e9:.0%} of it, `cpu-fp32`'s at "
+        f"{batched[exact] * flops_per_token / fma_peak / 1e9:.0%} of the fp32 roof.\n\n"
+        f"### Greedy agreement ({AGREEMENT_PROMPTS} prompts x {cfg.batch_tokens} tokens)\n\n"
+        + agreement_table
+        + "\n\n"
         "### Numba compile time (fresh process: load + prefill + 4 decode steps)\n\n"
         f"- `cpu`, empty Numba cache (compiles every kernel): {cold:.1f} s\n"
         f"- `cpu`, warm cache (`cache=True` loads the machine code): {warm:.1f} s\n"

@@ -110,12 +110,12 @@ def _q4_panel(xq, xd, xs, t0, codes, scale, offset, mult, p, out, tokens, slots)
     nb, k = scale.shape[1], xq.shape[1]
     xq_flat, codes_flat = xq.reshape(-1), codes.reshape(-1)
     xd_flat, xs_flat = xd.reshape(-1), xs.reshape(-1)
-    acc, d, m = lanes(slots), lanes(16), lanes(16)
+    scale_flat, offset_flat = scale.reshape(-1), offset.reshape(-1)
+    acc = lanes(slots)
     for b in range(nb):
-        for r in range(PANEL):
-            d[r], m[r] = as_float(scale[p, b, r]), mult * as_float(offset[p, b, r])
         q4_block_fma(acc, codes_flat, (p * nb + b) * 16 * PANEL, xq_flat, t0 * k + b * QBLOCK, k,
-                     d, m, xd_flat, xs_flat, t0 * nb + b, nb, tokens)  # fmt: skip
+                     scale_flat, offset_flat, (p * nb + b) * PANEL, mult, xd_flat, xs_flat,
+                     t0 * nb + b, nb, tokens)  # fmt: skip
     n0 = p * PANEL
     for i in range(min(tokens, out.shape[0] - t0)):
         for r in range(min(PANEL, out.shape[1] - n0)):
@@ -165,13 +165,14 @@ def _q8_panel(xq, xd, sum16, t0, codes, scale, p, out, tokens, slots):  # noqa: 
     per_block = scale.shape[1] // nb  # 1 or 2 scales per 32 weights
     xq_flat, codes_flat = xq.reshape(-1), codes.reshape(-1)
     xd_flat, sum16_flat = xd.reshape(-1), sum16.reshape(-1)
-    acc, d_lo, d_hi = lanes(slots), lanes(16), lanes(16)
+    scale_flat, n_scales = scale.reshape(-1), scale.shape[1]
+    acc = lanes(slots)
     for b in range(nb):
-        for r in range(PANEL):
-            d_lo[r] = as_float(scale[p, per_block * b, r])
-            d_hi[r] = as_float(scale[p, per_block * b + per_block - 1, r])
+        lo_at = (p * n_scales + per_block * b) * PANEL  # the half-blocks' 16 scales
+        hi_at = lo_at + (per_block - 1) * PANEL
         q8_block_fma(acc, codes_flat, (p * nb + b) * 32 * PANEL, xq_flat, t0 * k + b * QBLOCK, k,
-                     d_lo, d_hi, xd_flat, t0 * 2 * nb + 2 * b, 2 * nb, sum16_flat, tokens)  # fmt: skip
+                     scale_flat, lo_at, hi_at, xd_flat, t0 * 2 * nb + 2 * b, 2 * nb, sum16_flat,
+                     tokens)  # fmt: skip
     n0 = p * PANEL
     for i in range(min(tokens, out.shape[0] - t0)):
         for r in range(min(PANEL, out.shape[1] - n0)):

@@ -127,17 +127,57 @@ def _scalar(context, builder, array_type, array, index, index_type) -> ir.Value:
     return builder.load(builder.bitcast(ptr, ir.FloatType().as_pointer()))
 
 
+def _is_scale_array(array: types.Type) -> bool:
+    """Block scales: fp16 bit patterns (uint16) or float32, flat."""
+    return (
+        isinstance(array, types.Array)
+        and array.ndim == 1
+        and array.dtype
+        in (
+            types.uint16,
+            types.float32,
+        )
+    )
+
+
+def _scale_lanes(context, builder, array_type, array, at, at_type) -> ir.Value:  # noqa: ANN001, PLR0913
+    """16 consecutive block scales from array[at] as 16 float lanes: fp16 bits are widened by
+    one ``vcvtph2ps`` (in Numba code, one at a time, they cost more than the dot product)."""
+    ptr = _pointer(context, builder, array_type, array, at, at_type)
+    if array_type.dtype == types.float32:
+        return builder.load(builder.bitcast(ptr, _FLOATS.as_pointer()), align=2)
+    halves = builder.load(builder.bitcast(ptr, ir.VectorType(ir.HalfType(), 16).as_pointer()),
+                          align=2)  # fmt: skip
+    return builder.fpext(halves, _FLOATS)
+
+
 @intrinsic
 def q4_block_fma(
-    typingctx, acc, codes, w_at, xq, x_at, x_stride, d, m, xd, xs, s_at, s_stride, tokens
+    typingctx,
+    acc,
+    codes,
+    w_at,
+    xq,
+    x_at,
+    x_stride,
+    scale,
+    offset,
+    sc_at,
+    mult,
+    xd,
+    xs,
+    s_at,
+    s_stride,
+    tokens,
 ):  # noqa: ANN001, ANN201, PLR0913
     """One block (32 weights) of a 16-row panel against `tokens` tokens, accumulated:
 
-        acc[16 i + r] += (d[r] xd_i) * sum_j q[r, j] a_i[j]  +  m[r] xs_i
+        acc[16 i + r] += (d[r] xd_i) * sum_j q[r, j] a_i[j]  +  mult m[r] xs_i
 
     the sum exact in int32 (``vpdpbusd``). codes: the q4 codes (uint8, flat), w_at: the block's
     first byte (256 bytes, [j][row]); xq: int8 activations (flat), token i's block from
-    x_at + i x_stride; d, m: the block's 16 weight scales and offsets (float32); xd, xs: the
+    x_at + i x_stride; scale, offset: the panel's block scales d and offsets m (flat, fp16 bits
+    or float32), the block's 16 at sc_at; mult: the offset's multiplier (float32); xd, xs: the
     activations' block scales and d x sums (float32, flat), token i's at s_at + i s_stride;
     acc: 16 x tokens float32 (a stack array: LLVM keeps it in registers); tokens: a literal.
 
@@ -147,28 +187,33 @@ def q4_block_fma(
         _is_1d(acc, types.float32)
         and _is_1d(codes, types.uint8)
         and _is_1d(xq, types.int8)
-        and all(_is_1d(v, types.float32) for v in (d, m, xd, xs))
+        and _is_scale_array(scale)
+        and _is_scale_array(offset)
+        and isinstance(mult, types.Float)
+        and all(_is_1d(v, types.float32) for v in (xd, xs))
         and isinstance(tokens, types.IntegerLiteral)
     )
     if not ok:
         return None
     n_tokens = tokens.literal_value
-    sig = types.none(acc, codes, w_at, xq, x_at, x_stride, d, m, xd, xs, s_at, s_stride, tokens)
+    sig = types.none(acc, codes, w_at, xq, x_at, x_stride, scale, offset, sc_at, mult, xd, xs,
+                     s_at, s_stride, tokens)  # fmt: skip
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        acc_v, codes_v, w_at_v, xq_v, x_at_v, xstr_v, d_v, m_v, xd_v, xs_v, s_at_v, sstr_v, _ = args
+        acc_v, codes_v, w_at_v, xq_v, x_at_v, xstr_v, sc_v, off_v, sc_at_v, mult_v = args[:10]
+        xd_v, xs_v, s_at_v, sstr_v = args[10:14]
         a = signature.args
         w = _pointer(context, builder, codes, codes_v, w_at_v, a[2])
         x0 = _pointer(context, builder, xq, xq_v, x_at_v, a[4])
         x_stride = context.cast(builder, xstr_v, a[5], types.intp)
         zero_at = ir.Constant(_I32, 0)
         acc_p = _pointer(context, builder, acc, acc_v, zero_at, types.int32)
-        d_vec = builder.load(_float_lanes(builder, _pointer(context, builder, d, d_v, zero_at,
-                                                            types.int32), 0), align=4)  # fmt: skip
-        m_vec = builder.load(_float_lanes(builder, _pointer(context, builder, m, m_v, zero_at,
-                                                            types.int32), 0), align=4)  # fmt: skip
-        s_at = context.cast(builder, s_at_v, a[10], types.intp)
-        s_stride = context.cast(builder, sstr_v, a[11], types.intp)
+        d_vec = _scale_lanes(context, builder, scale, sc_v, sc_at_v, a[8])
+        mult_f = context.cast(builder, mult_v, a[9], types.float32)
+        m_vec = builder.fmul(_scale_lanes(context, builder, offset, off_v, sc_at_v, a[8]),
+                             _splat(builder, mult_f, _FLOATS))  # fmt: skip
+        s_at = context.cast(builder, s_at_v, a[12], types.intp)
+        s_stride = context.cast(builder, sstr_v, a[13], types.intp)
         low_mask, four = ir.Constant(_BYTES, [0x0F] * 64), ir.Constant(_BYTES, [4] * 64)
         lo, hi = [], []
         for g in range(4):  # bytes 4g..4g+3 of 16 rows: weights 4g.. (low) and 16+4g.. (high)
@@ -200,7 +245,21 @@ def q4_block_fma(
 
 @intrinsic
 def q8_block_fma(
-    typingctx, acc, codes, w_at, xq, x_at, x_stride, d_lo, d_hi, xd, s_at, s_stride, sum16, tokens
+    typingctx,
+    acc,
+    codes,
+    w_at,
+    xq,
+    x_at,
+    x_stride,
+    scale,
+    lo_at,
+    hi_at,
+    xd,
+    s_at,
+    s_stride,
+    sum16,
+    tokens,
 ):  # noqa: ANN001, ANN201, PLR0913
     """One block (32 int8 weights) of a 16-row q8 panel against `tokens` tokens, accumulated:
 
@@ -210,41 +269,37 @@ def q8_block_fma(
     byte (512 bytes: [j // 4][row][j % 4], already in ``vpdpbusd``'s lane order); the weights
     get 128 added (one xor of the sign bit: ``vpdpbusd`` multiplies unsigned by signed bytes)
     and 128 x the activations' sums of 16 (sum16, int32, flat; token i's two at
-    s_at + i s_stride) are taken off again. d_lo, d_hi: the 16 rows' scales of the block's two
-    halves (equal unless the format has 16-blocks, as Q6_K); xq, x_at, x_stride, xd (flat, token
-    i's block scale at s_at / 2 + ...): as ``q4_block_fma``; acc: 16 x tokens float32."""
+    s_at + i s_stride) are taken off again. scale: the panel's scales (flat, fp16 bits or
+    float32), the 16 rows' for the block's two halves at lo_at and hi_at (the same place
+    unless the format has 16-blocks, as Q6_K); xq, x_at, x_stride: as ``q4_block_fma``; xd
+    (flat): token i's block scale at (s_at + i s_stride) / 2; acc: 16 x tokens float32."""
     ok = (
         _is_1d(acc, types.float32)
         and _is_1d(codes, types.int8)
         and _is_1d(xq, types.int8)
-        and all(_is_1d(v, types.float32) for v in (d_lo, d_hi, xd))
+        and _is_scale_array(scale)
+        and _is_1d(xd, types.float32)
         and _is_1d(sum16, types.int32)
         and isinstance(tokens, types.IntegerLiteral)
     )
     if not ok:
         return None
     n_tokens = tokens.literal_value
-    sig = types.none(acc, codes, w_at, xq, x_at, x_stride, d_lo, d_hi, xd, s_at, s_stride, sum16,
-                     tokens)  # fmt: skip
+    sig = types.none(acc, codes, w_at, xq, x_at, x_stride, scale, lo_at, hi_at, xd, s_at,
+                     s_stride, sum16, tokens)  # fmt: skip
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        acc_v, codes_v, w_at_v, xq_v, x_at_v, xstr_v, dlo_v, dhi_v, xd_v, s_at_v, sstr_v, s16_v = (
-            args[:12]
-        )
+        acc_v, codes_v, w_at_v, xq_v, x_at_v, xstr_v, sc_v, lo_at_v, hi_at_v = args[:9]
+        xd_v, s_at_v, sstr_v, s16_v = args[9:13]
         a, i64 = signature.args, ir.IntType(64)
         w = _pointer(context, builder, codes, codes_v, w_at_v, a[2])
         x0 = _pointer(context, builder, xq, xq_v, x_at_v, a[4])
         x_stride = context.cast(builder, xstr_v, a[5], types.intp)
-        s_at = context.cast(builder, s_at_v, a[9], types.intp)  # in halves (16-weight units)
-        s_stride = context.cast(builder, sstr_v, a[10], types.intp)
-        zero_at = ir.Constant(_I32, 0)
-        acc_p = _pointer(context, builder, acc, acc_v, zero_at, types.int32)
-
-        def vector(array_type, value):  # noqa: ANN001, ANN202
-            ptr = _pointer(context, builder, array_type, value, zero_at, types.int32)
-            return builder.load(_float_lanes(builder, ptr, 0), align=4)
-
-        d_lo_vec, d_hi_vec = vector(d_lo, dlo_v), vector(d_hi, dhi_v)
+        s_at = context.cast(builder, s_at_v, a[10], types.intp)  # in halves (16-weight units)
+        s_stride = context.cast(builder, sstr_v, a[11], types.intp)
+        acc_p = _pointer(context, builder, acc, acc_v, ir.Constant(_I32, 0), types.int32)
+        d_lo_vec = _scale_lanes(context, builder, scale, sc_v, lo_at_v, a[7])
+        d_hi_vec = _scale_lanes(context, builder, scale, sc_v, hi_at_v, a[8])
         sign = ir.Constant(_BYTES, [0x80] * 64)
         unsigned = [builder.xor(_load(builder, _at(builder, w, 64 * g), _BYTES), sign)
                     for g in range(8)]  # fmt: skip
