@@ -171,8 +171,9 @@ def _fresh_process(code: str, env: dict[str, str], cache: str | None = None) -> 
 
 
 def test_portable_path_equals_the_vnni_path(tmp_path) -> None:  # noqa: ANN001
-    """MINILLM_NO_VNNI=1 compiles the plain LLVM integer arithmetic instead of vpdpbusd: the
-    integer sums, hence the results, must be identical bit for bit."""
+    """MINILLM_NO_VNNI=1 compiles the pre-VNNI paths instead of vpdpbusd (AVX2's vpmaddubsw for
+    4-bit codes, plain LLVM integer arithmetic for 8-bit ones): the integer sums, hence the
+    results, must be identical bit for bit."""
     code = (
         "import numpy as np, torch\n"
         "from minillm.formats.blocks import quantize\n"

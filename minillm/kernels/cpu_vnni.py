@@ -15,9 +15,12 @@ a vector type, so the two helpers here are intrinsics that emit the LLVM IR them
   multiplies *unsigned* by signed bytes, so the weights get 128 added (one xor of the sign bit)
   and 128 x (the activations' sums of four) is taken off again: exact.
 
-Where the CPU lacks VNNI the same sums are written as plain LLVM integer arithmetic (widen,
-multiply, add in fours), which every x86 (and ARM) target compiles: the results are identical,
-only slower. ``HAS_VNNI`` says which path this machine compiled.
+Where the CPU lacks VNNI: 4-bit codes go through AVX2's ``vpmaddubsw`` (byte pairs into int16,
+which 4-bit codes cannot saturate) and ``vpmaddwd`` (int16 pairs into int32), as llama.cpp does;
+8-bit codes (up to 255 once unsigned would saturate int16) and CPUs without AVX2 get the same
+sums as plain LLVM integer arithmetic (widen, multiply, add in fours), which every target
+compiles. All paths give identical results; ``HAS_VNNI`` / ``HAS_AVX2`` say which this machine
+compiled.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def _target_has(feature: str) -> bool:
 HAS_VNNI = (
     _target_has("avx512vnni") and _target_has("avx512bw") and not os.environ.get("MINILLM_NO_VNNI")
 )
+HAS_AVX2 = _target_has("avx2")
 
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 _BYTES, _LANES = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
@@ -64,8 +68,13 @@ def _splat(builder: ir.IRBuilder, value: ir.Value, vector_type: ir.VectorType) -
     return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined), zeros)
 
 
-def _dpbusd(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
-    """acc[l] + sum over k < 4 of unsigned[4l + k] * signed[4l + k] (16 int32 lanes)."""
+def _dpbusd(
+    builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value, small: bool = False
+) -> ir.Value:
+    """acc[l] + sum over k < 4 of unsigned[4l + k] * signed[4l + k] (16 int32 lanes).
+
+    small: the unsigned bytes are below 16 (4-bit codes), so AVX2's ``vpmaddubsw``, which
+    adds pairs of products into int16 with saturation, cannot saturate (2 x 15 x 128 < 2^15)."""
     if HAS_VNNI:
         fn = cgutils.get_or_insert_function(
             builder.module,
@@ -73,6 +82,25 @@ def _dpbusd(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir
             "llvm.x86.avx512.vpdpbusd.512",
         )
         return builder.call(fn, [acc, unsigned, signed])
+    if HAS_AVX2 and small:  # llama.cpp's pre-VNNI pair: vpmaddubsw, then vpmaddwd by ones
+        half, shorts = ir.VectorType(_I8, 32), ir.VectorType(ir.IntType(16), 16)
+        maddubs = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(shorts, [half, half]), "llvm.x86.avx2.pmadd.ub.sw"
+        )
+        maddwd = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VectorType(_I32, 8), [shorts, shorts]),
+            "llvm.x86.avx2.pmadd.wd",
+        )
+        ones = ir.Constant(shorts, [1] * 16)
+        parts = []
+        for lo in (0, 32):
+            pick = ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))
+            u = builder.shuffle_vector(unsigned, ir.Constant(_BYTES, ir.Undefined), pick)
+            v = builder.shuffle_vector(signed, ir.Constant(_BYTES, ir.Undefined), pick)
+            parts.append(builder.call(maddwd, [builder.call(maddubs, [u, v]), ones]))
+        both = builder.shuffle_vector(parts[0], parts[1], ir.Constant(_LANES, list(range(16))))
+        return builder.add(acc, both)
     wide = ir.VectorType(_I32, 64)
     products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
     for k in range(4):
@@ -229,8 +257,8 @@ def q4_block_fma(
             for g in range(4):
                 a_lo = _splat(builder, _load(builder, _at(builder, xi, 4 * g), _I32), _LANES)
                 a_hi = _splat(builder, _load(builder, _at(builder, xi, 16 + 4 * g), _I32), _LANES)
-                acc_lo = _dpbusd(builder, acc_lo, lo[g], builder.bitcast(a_lo, _BYTES))
-                acc_hi = _dpbusd(builder, acc_hi, hi[g], builder.bitcast(a_hi, _BYTES))
+                acc_lo = _dpbusd(builder, acc_lo, lo[g], builder.bitcast(a_lo, _BYTES), small=True)
+                acc_hi = _dpbusd(builder, acc_hi, hi[g], builder.bitcast(a_hi, _BYTES), small=True)
             total = builder.sitofp(builder.add(acc_lo, acc_hi), _FLOATS)
             at = builder.add(s_at, builder.mul(s_stride, step))
             dx = _splat(builder, _scalar(context, builder, xd, xd_v, at, types.intp), _FLOATS)
