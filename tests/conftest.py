@@ -140,3 +140,19 @@ def chromium_path() -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"{CHROMIUM} is missing in CI; `make setup` should have installed it")
     pytest.skip(f"{CHROMIUM} is absent (install it with `sudo apt-get install chromium`)")
+
+
+@pytest.fixture
+def one_thread():  # noqa: ANN201
+    """Whole-model runs on one Numba and one torch thread: each output row is computed by one
+    thread whatever the count (no cross-thread sums), so results do not change, and a busy
+    shared machine cannot stall 2-thread barriers for seconds."""
+    import numba
+    import torch
+
+    before = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    numba.set_num_threads(before[0])
+    torch.set_num_threads(before[1])

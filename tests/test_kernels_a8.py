@@ -195,20 +195,6 @@ def test_portable_path_equals_the_vnni_path(tmp_path) -> None:  # noqa: ANN001
 
 
 # ----------------------------------------------------------------------------- whole model
-@pytest.fixture
-def one_thread():  # noqa: ANN201
-    """Whole-model runs on one thread (a busy 2-core machine cannot stall thread barriers);
-    results do not depend on the thread count."""
-    import numba
-
-    before = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    numba.set_num_threads(before[0])
-    torch.set_num_threads(before[1])
-
-
 def test_bundled_model_perplexity_within_one_percent_of_fp32(one_thread) -> None:  # noqa: ANN001
     """Quantizing every matmul input to 8 bits costs the bundled model under 1% perplexity on
     the stdlib corpus (2048 tokens in windows of 512), against the fp32-activation path."""

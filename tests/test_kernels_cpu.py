@@ -349,21 +349,6 @@ def test_store_kv_writes_in_place() -> None:
 
 
 # ----------------------------------------------------------------------------- whole models
-@pytest.fixture
-def one_thread():  # noqa: ANN201
-    """Whole-model runs on one thread: each output row is computed by one thread whatever the
-    count (no cross-thread sums), so results do not change, and a busy shared machine cannot
-    stall 2-thread barriers for seconds. The op tests above (and the tiny model) use all."""
-    import numba
-
-    before = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    numba.set_num_threads(before[0])
-    torch.set_num_threads(before[1])
-
-
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
