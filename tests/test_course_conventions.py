@@ -211,6 +211,36 @@ def test_notebook_follows_the_rules(path):
     assert notebook_problems(nbformat.read(full, as_version=4), full.stat().st_size) == []
 
 
+# Lessons that draw their measured data (issue: "pictures where a student would rather look
+# than read"); the size of every stored image is checked by notebook_problems above.
+LESSONS_WITH_FIGURES = ("00", "01", "04", "09", "11", "12", "14", "15")
+
+
+def stored_image_count(nb) -> int:
+    return sum(
+        1
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if any(kind in out.get("data", {}) for kind in IMAGE_TYPES)
+    )
+
+
+def test_image_count_sees_stored_figures():
+    nb = new_notebook(cells=[new_code_cell("x = 1")])
+    assert stored_image_count(nb) == 0
+    nb.cells.append(
+        new_code_cell("plot()", outputs=[new_output("display_data", data={"image/png": "AA=="})])
+    )
+    assert stored_image_count(nb) == 1
+
+
+@pytest.mark.parametrize("number", LESSONS_WITH_FIGURES)
+def test_lesson_stores_a_figure(number):
+    (path,) = (REPO / "lessons").glob(f"{number}_*.ipynb")
+    assert stored_image_count(nbformat.read(path, as_version=4)) >= 1, f"{path.name}: no figure"
+
+
 def test_labs_have_an_app_with_build_demo():
     labs = REPO / "labs"
     folders = (
