@@ -67,11 +67,6 @@ class LLM:
                     f"{self.loaded.config.arch} model is dense; drop enable_expert_parallel"
                 )
         else:
-            if activations not in (None, "int8"):
-                raise ValueError(
-                    f"activations={activations!r} is not supported with tensor or pipeline "
-                    "parallelism yet: the workers use the backend's default"
-                )
             from minillm.parallel.config import ParallelConfig
             from minillm.parallel.executor import start_parallel
 
@@ -80,6 +75,7 @@ class LLM:
                 pipeline_parallel_size,
                 num_micro_batches,
                 enable_expert_parallel,
+                activations,
             )
             self.loaded, executor = start_parallel(model, backend, parallel)
             self.executor = executor

@@ -27,13 +27,15 @@ class ParallelConfig:
     num_micro_batches: how many micro-batches a pipeline step's batch is split into (fewer
     when the step has fewer sequences); None: one per stage, the smallest number that lets
     every stage work at once. enable_expert_parallel: split MoE experts over the TP ranks
-    instead of sharding each expert (the expert-parallel part reads it).
+    instead of sharding each expert (the expert-parallel part reads it). activations: what
+    the cpu backend's matmuls do with x on every rank ("int8" | "fp32"; None: the default).
     """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     num_micro_batches: int | None = None
     enable_expert_parallel: bool = False
+    activations: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)

@@ -429,7 +429,7 @@ def start_parallel(
     def build(config: Any, weights: Any, ops: Any) -> ShardedLlamaModel:
         return ShardedLlamaModel(config, weights, ops, 0, parallel)
 
-    loaded = load_model(model, name, build=build)
+    loaded = load_model(model, name, build=build, activations=parallel.activations)
     loaded.weights = loaded.model.shard  # rank 0 keeps its own part only
     executor = ParallelExecutor(parallel, timeout_s)
     if torchrun:

@@ -36,13 +36,14 @@ Command = tuple[Any, ...]
 
 def build_model(path: Path, backend: str, rank: int, parallel: ParallelConfig) -> tuple:
     """(ops, this rank's ShardedLlamaModel); the full weights are dropped once cut."""
-    from minillm.kernels import get_backend
+    from minillm.kernels import activations_mode, get_backend
     from minillm.loader import read_model_files
     from minillm.parallel.tp_model import ShardedLlamaModel
 
     ops = get_backend(backend)
     config, weights, _ = read_model_files(path)
-    return ops, ShardedLlamaModel(config, weights, ops, rank, parallel)
+    with activations_mode(ops, parallel.activations):  # as rank 0 prepared its part
+        return ops, ShardedLlamaModel(config, weights, ops, rank, parallel)
 
 
 def serve_commands(
