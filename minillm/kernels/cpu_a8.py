@@ -18,8 +18,9 @@ int8 codes row-major, so the two activation modes share one copy of the model. T
 dot products are in ``cpu_vnni``; here are the quantizer and the loops around them:
 
 - one token (decode): every weight is used once; memory-bound, as before;
-- groups of ``TOKENS`` tokens (batched decode, prefill): the shuffled weight bytes are reused
-  for 8 tokens, and a token's activations are 4-byte broadcasts from L1.
+- groups of 16 tokens (8 for a last odd group; batched decode, prefill): the shuffled weight
+  bytes are reused for every token of the group, and a token's activations are 4-byte
+  broadcasts from L1.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from minillm.kernels.cpu_packing import PANEL
 from minillm.kernels.cpu_vnni import q4_block_fma, q8_block_fma
 
 QBLOCK = 32  # activations per scale, as llama.cpp's Q8_0
-TOKENS = 8  # tokens per pass in the batched kernels (8 int32 + 8 float32 accumulator registers)
-GROUPS_IN_L2 = 8  # 64 tokens of int8 x (64 x 1536 bytes) stay in L2 while every panel passes
-ONE_BY_ONE_BELOW = TOKENS // 2  # fewer tokens: the one-token kernel per token
+TOKENS = 8  # x is padded to a multiple of this many tokens for the batched kernels
+WIDE = 16  # tokens per pass where 16 remain: the shuffled weights serve twice as many tokens
+TOKENS_IN_L2 = 128  # tokens of int8 x (128 x 1536 bytes) that stay in L2 while every panel passes
+ONE_BY_ONE_BELOW = 4  # fewer tokens: the one-token kernel per token
 PARALLEL_QUANTIZE_FROM = 16  # tokens; below, one thread quantizes (a thread start costs more)
 
 
@@ -135,13 +137,18 @@ def q4_a8_one(xq, xd, xs, t, codes, scale, offset, offset_mult, out):  # noqa: A
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q4_a8_groups(xq, xd, xs, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """out (T, N) for x quantized in groups of TOKENS rows (xq has T rounded up to 8)."""
+    """out (T, N) for x quantized with T rounded up to a multiple of TOKENS: 16 tokens a pass
+    while 16 remain, then 8 (16 float accumulators: measured 1.05-1.3x faster than 8 at T=16)."""
     mult = np.float32(offset_mult)
-    n_groups, n_panels = xq.shape[0] // TOKENS, codes.shape[0]
-    for g0 in range(0, n_groups, GROUPS_IN_L2):
+    padded, n_panels = xq.shape[0], codes.shape[0]
+    for t0 in range(0, padded, TOKENS_IN_L2):
+        t1 = min(t0 + TOKENS_IN_L2, padded)
         for p in prange(n_panels):
-            for g in range(g0, min(g0 + GROUPS_IN_L2, n_groups)):
-                _q4_panel(xq, xd, xs, g * TOKENS, codes, scale, offset, mult, p, out, 8, 128)
+            for t in range(t0, t1, WIDE):
+                if t + WIDE <= t1:
+                    _q4_panel(xq, xd, xs, t, codes, scale, offset, mult, p, out, 16, 256)
+                else:
+                    _q4_panel(xq, xd, xs, t, codes, scale, offset, mult, p, out, 8, 128)
 
 
 @njit(inline="always", cache=True)
@@ -190,12 +197,16 @@ def q8_a8_one(xq, xd, sum16, t, codes, scale, out):  # noqa: ANN001, ANN201
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q8_a8_groups(xq, xd, sum16, codes, scale, out):  # noqa: ANN001, ANN201
-    """out (T, N) for x quantized in groups of TOKENS rows (xq has T rounded up to 8)."""
-    n_groups, n_panels = xq.shape[0] // TOKENS, codes.shape[0]
-    for g0 in range(0, n_groups, GROUPS_IN_L2):
+    """out (T, N) for x quantized with T rounded up to a multiple of TOKENS, as q4_a8_groups."""
+    padded, n_panels = xq.shape[0], codes.shape[0]
+    for t0 in range(0, padded, TOKENS_IN_L2):
+        t1 = min(t0 + TOKENS_IN_L2, padded)
         for p in prange(n_panels):
-            for g in range(g0, min(g0 + GROUPS_IN_L2, n_groups)):
-                _q8_panel(xq, xd, sum16, g * TOKENS, codes, scale, p, out, 8, 128)
+            for t in range(t0, t1, WIDE):
+                if t + WIDE <= t1:
+                    _q8_panel(xq, xd, sum16, t, codes, scale, p, out, 16, 256)
+                else:
+                    _q8_panel(xq, xd, sum16, t, codes, scale, p, out, 8, 128)
 
 
 @njit(inline="always", cache=True)
