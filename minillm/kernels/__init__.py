@@ -63,15 +63,19 @@ def get_backend(name: str = "auto") -> ModuleType:
         raise ValueError(f"backend {resolved!r} is not available here: {e}") from e
 
 
+def check_activations(mode: object) -> str:
+    """`mode` if it names an activation mode, else a ValueError that lists them."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {mode!r}")
+    return mode
+
+
 def activations_mode(ops: ModuleType, activations: str | None) -> AbstractContextManager:
     """A context in which `ops` prepares weights for `activations` ("int8" | "fp32"; None:
     the backend's default). Only the cpu backend has int8 activations."""
     if activations is None:
         return nullcontext()
-    if activations not in ACTIVATIONS:
-        raise ValueError(
-            f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}"
-        )
+    check_activations(activations)
     if hasattr(ops, "activations"):
         return ops.activations(activations)
     if activations != "fp32":

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from minillm.formats.blocks import QuantTensor
-from minillm.kernels import ACTIVATIONS
+from minillm.kernels import check_activations
 from minillm.kernels import cpu_a8 as _a8
 from minillm.kernels import cpu_linear as _lin
 from minillm.kernels import cpu_q4 as _q4
@@ -106,9 +106,7 @@ _activations: ContextVar[str] = ContextVar("minillm_cpu_activations", default="i
 @contextmanager
 def activations(mode: str) -> Iterator[None]:
     """Weights prepared inside this block compute with `mode` activations ("int8" | "fp32")."""
-    if mode not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {mode!r}")
-    token = _activations.set(mode)
+    token = _activations.set(check_activations(mode))
     try:
         yield
     finally:
