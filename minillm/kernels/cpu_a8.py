@@ -36,14 +36,15 @@ from minillm.kernels.cpu_numerics import (
     prefetch_range,
 )
 from minillm.kernels.cpu_packing import PANEL
-from minillm.kernels.cpu_vnni import q4_block_fma, q8_block_fma
+from minillm.kernels.cpu_vnni import q4_block_fma, q8_block_fma, quantize_block
 
 QBLOCK = 32  # activations per scale, as llama.cpp's Q8_0
 TOKENS = 8  # x is padded to a multiple of this many tokens for the batched kernels
 WIDE = 16  # tokens per pass where 16 remain: the shuffled weights serve twice as many tokens
 TOKENS_IN_L2 = 128  # tokens of int8 x (128 x 1536 bytes) that stay in L2 while every panel passes
 ONE_BY_ONE_BELOW = 4  # fewer tokens: the one-token kernel per token
-PARALLEL_QUANTIZE_FROM = 16  # tokens; below, one thread quantizes (a thread start costs more)
+PARALLEL_QUANTIZE_FROM = 128  # tokens; below, one thread quantizes (~0.4 ns a value: a thread
+# start costs more)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -51,21 +52,12 @@ PARALLEL_QUANTIZE_FROM = 16  # tokens; below, one thread quantizes (a thread sta
 def _quantize_row(x, t, xq, xd, xs, sum16):  # noqa: ANN001, ANN202
     """Token t: per block of 32, d = max|x| / 127, q = round-half-even(x / d) (ggml's Q8_0
     rule, with x * (1/d) as ggml computes it); xs = d * sum(q); sum16: sums of 16 q."""
-    for b in range(xd.shape[1]):
-        amax = np.float32(0)
-        for j in range(QBLOCK):
-            amax = max(amax, abs(x[t, b * QBLOCK + j]))
-        d = amax / np.float32(127)
-        inv = np.float32(1) / d if d > 0 else np.float32(0)
-        for h in range(2):
-            half = 0
-            for j in range(16 * h, 16 * h + 16):
-                q = np.int32(np.rint(x[t, b * QBLOCK + j] * inv))
-                xq[t, b * QBLOCK + j] = q
-                half += q
-            sum16[t, 2 * b + h] = half
-        xd[t, b] = d
-        xs[t, b] = d * np.float32(sum16[t, 2 * b] + sum16[t, 2 * b + 1])
+    k, nb = x.shape[1], xd.shape[1]
+    x_flat, xq_flat = x.reshape(-1), xq.reshape(-1)
+    xd_flat, xs_flat, sum16_flat = xd.reshape(-1), xs.reshape(-1), sum16.reshape(-1)
+    for b in range(nb):
+        quantize_block(x_flat, t * k + b * QBLOCK, xq_flat, t * k + b * QBLOCK, xd_flat,
+                       xs_flat, t * nb + b, sum16_flat)  # fmt: skip
 
 
 @njit(inline="always", cache=True)
@@ -100,9 +92,20 @@ def quantize_activations(x, multiple=1):  # noqa: ANN001, ANN201
     """x (T, K) float32, K a multiple of 32 -> (xq int8 (T', K), xd (T', K/32) scales,
     xs (T', K/32) = xd * block sums, sum16 (T', K/16) int32 sums of 16), T' = T rounded up to
     `multiple` with zero rows."""
+    x = np.ascontiguousarray(x)
     if x.shape[0] >= PARALLEL_QUANTIZE_FROM:
         return _quantize_parallel(x, multiple)
     return _quantize_serial(x, multiple)
+
+
+@njit(inline="always", cache=True)
+def quantize_for_matmul(x, int8_activations):  # noqa: ANN001, ANN201
+    """x quantized as the matmuls below take it (padded to TOKENS rows when the group kernels
+    will run), or empty arrays when int8_activations is False. Matmuls that share an input
+    (q, k, v; gate, up) share one quantization (``cpu_layer``)."""
+    if not int8_activations:
+        return quantize_activations(x[:0], 1)
+    return quantize_activations(x, 1 if x.shape[0] < ONE_BY_ONE_BELOW else TOKENS)
 
 
 # ----------------------------------------------------------------------------- q4 panels
@@ -152,14 +155,13 @@ def q4_a8_groups(xq, xd, xs, codes, scale, offset, offset_mult, out):  # noqa: A
 
 
 @njit(inline="always", cache=True)
-def q4_a8_matmul(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
-    """out (T, N) = x (T, K) @ W.T with x quantized to int8 blocks (q4 PackedWeight arrays)."""
-    if x.shape[0] < ONE_BY_ONE_BELOW:
-        xq, xd, xs, _ = quantize_activations(x, 1)
-        for t in range(x.shape[0]):
+def q4_a8_matmul(xquant, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
+    """out (T, N) = x (T, K) @ W.T, xquant = quantize_for_matmul(x) (q4 PackedWeight arrays)."""
+    xq, xd, xs, _ = xquant
+    if out.shape[0] < ONE_BY_ONE_BELOW:
+        for t in range(out.shape[0]):
             q4_a8_one(xq, xd, xs, t, codes, scale, offset, offset_mult, out)
     else:
-        xq, xd, xs, _ = quantize_activations(x, TOKENS)
         q4_a8_groups(xq, xd, xs, codes, scale, offset, offset_mult, out)
 
 
@@ -210,14 +212,13 @@ def q8_a8_groups(xq, xd, sum16, codes, scale, out):  # noqa: ANN001, ANN201
 
 
 @njit(inline="always", cache=True)
-def q8_a8_matmul(x, codes, scale, out):  # noqa: ANN001, ANN201
-    """out (T, N) = x (T, K) @ W.T for a q8 panel PackedWeight's arrays (``cpu_packing``)."""
-    if x.shape[0] < ONE_BY_ONE_BELOW:
-        xq, xd, _, sum16 = quantize_activations(x, 1)
-        for t in range(x.shape[0]):
+def q8_a8_matmul(xquant, codes, scale, out):  # noqa: ANN001, ANN201
+    """out (T, N) = x (T, K) @ W.T for a q8 panel PackedWeight's arrays, as q4_a8_matmul."""
+    xq, xd, _, sum16 = xquant
+    if out.shape[0] < ONE_BY_ONE_BELOW:
+        for t in range(out.shape[0]):
             q8_a8_one(xq, xd, sum16, t, codes, scale, out)
     else:
-        xq, xd, _, sum16 = quantize_activations(x, TOKENS)
         q8_a8_groups(xq, xd, sum16, codes, scale, out)
 
 

@@ -22,19 +22,27 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from minillm.kernels.cpu_a8 import quantize_for_matmul
 from minillm.kernels.cpu_attention import paged_decode, store_kv_slots
-from minillm.kernels.cpu_linear import matmul
+from minillm.kernels.cpu_linear import matmul_quantized
 from minillm.kernels.cpu_pointwise import rms_norm_rows, rope_heads, silu_mul_rows
 
 
 @njit(inline="always", cache=True)
-def _project(h, w, bias):  # noqa: ANN001, ANN202
-    """h (T, K) @ W.T (+ bias; an empty bias means none) -> (T, N); w is a layer_args tuple."""
+def _project(h, hquant, w, bias):  # noqa: ANN001, ANN202
+    """h (T, K) @ W.T (+ bias; an empty bias means none) -> (T, N); w is a layer_args tuple,
+    hquant h's int8 blocks when W's matmul takes them (``quantize_for_matmul``)."""
     out = np.empty((h.shape[0], w[0]), np.float32)
-    matmul(h, w[1], w[2], w[3], w[4], w[5], w[6], w[7], out)
+    matmul_quantized(h, hquant, w[1], w[2], w[3], w[4], w[5], w[6], out)
     if bias.shape[0]:
         out += bias
     return out
+
+
+@njit(inline="always", cache=True)
+def _project_alone(h, w):  # noqa: ANN001, ANN202
+    """h @ W.T for a matrix that has h to itself (o, down): quantized here if W needs it."""
+    return _project(h, quantize_for_matmul(h, w[7]), w, h[0, :0])
 
 
 @njit(cache=True)
@@ -69,19 +77,21 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
     # ---- attention block: x + Wo . attn(rope(Wq.h), rope(Wk.h), Wv.h), h = norm(x)
     h = np.empty_like(x)
     rms_norm_rows(x, attn_norm, eps, h)
-    q = _project(h, wq, bq).reshape(b, num_heads, head_dim)
-    k = _project(h, wk, bk).reshape(b, kv_heads, head_dim)
-    v = _project(h, wv, bv).reshape(b, kv_heads, head_dim)
+    hquant = quantize_for_matmul(h, wq[7] or wk[7] or wv[7])  # once for all three
+    q = _project(h, hquant, wq, bq).reshape(b, num_heads, head_dim)
+    k = _project(h, hquant, wk, bk).reshape(b, kv_heads, head_dim)
+    v = _project(h, hquant, wv, bv).reshape(b, kv_heads, head_dim)
     q_rot, k_rot = np.empty_like(q), np.empty_like(k)
     rope_heads(q, cos, sin, q_rot)
     rope_heads(k, cos, sin, k_rot)
     store_kv_slots(k_rot, v, k_cache, v_cache, slots)
     attn = np.empty_like(q_rot)
     paged_decode(q_rot, k_cache, v_cache, block_tables, context_lens, scale, 0, attn)
-    x += _project(attn.reshape(b, num_heads * head_dim), wo, no_bias)
+    x += _project_alone(attn.reshape(b, num_heads * head_dim), wo)
     # ---- feed-forward block (SwiGLU): x + W_down . (silu(W_gate.h) * W_up.h)
     rms_norm_rows(x, ffn_norm, eps, h)
-    gate, up = _project(h, w_gate, no_bias), _project(h, w_up, no_bias)
+    hquant = quantize_for_matmul(h, w_gate[7] or w_up[7])
+    gate, up = _project(h, hquant, w_gate, no_bias), _project(h, hquant, w_up, no_bias)
     act = np.empty_like(gate)
     silu_mul_rows(gate, up, act)
-    x += _project(act, w_down, no_bias)
+    x += _project_alone(act, w_down)
