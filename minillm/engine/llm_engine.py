@@ -366,7 +366,9 @@ class LLMEngine:
                 forks.append((seq, i, gen))
         if not rows:
             return []
-        results = self.sampler.sample(logits[torch.tensor(rows)], contexts)
+        if rows != list(range(logits.shape[0])):  # n > 1 forks: rows repeat
+            logits = logits[torch.tensor(rows)]
+        results = self.sampler.sample(logits, contexts)
         return [
             SampledToken(seq, int(r.token_id), float(r.logprob), r.top_logprobs, i, gen)
             for (seq, i, gen), r in zip(forks, results, strict=True)
