@@ -288,6 +288,8 @@ def test_browser_shows_both_answers_and_reveals_after_a_vote(
                 field = page.locator(f"#{elem_id} input[type=number]")
                 field.fill(value)
                 field.press("Enter")
+                field.press("Tab")  # blur: the number is committed to the app's state
+                expect(field).to_have_value(value)
             page.locator("#prompt textarea").fill(PROMPT)
             page.locator("#send").click()
             for side in ("a", "b"):

@@ -18,6 +18,11 @@ busy with other programs, those spinning workers take the cores from the threads
 work and a 2-thread decode can slow down tenfold. There, run with OMP_WAIT_POLICY=passive (or a
 short GOMP_SPINCOUNT such as 3000) set before Python starts, or with one thread.
 
+The GIL: every kernel is compiled with ``nogil=True``, so while a step computes, the server's
+event loop (another Python thread) keeps streaming tokens, parsing requests and tokenizing. With
+the GIL held, that work waited for the end of each step and then held the next one up: at 16
+streams it was ~20% of the time between tokens (bench_serving).
+
 Compilation: kernels compile on first use and are cached on disk (``cache=True``) in the one
 directory minillm.numba_cache chooses (NUMBA_CACHE_DIR), which `make setup` warms, so only the
 very first run pays it.

@@ -19,7 +19,7 @@ from numba import njit, prange
 from minillm.kernels.cpu_numerics import FASTMATH, exp_f32
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def store_kv_slots(k, v, k_cache, v_cache, slot_mapping):  # noqa: ANN001, ANN201
     """k/v (T, KvH, D) -> the caches at slot = block * block_size + offset, in place."""
     nb, bs = k_cache.shape[0], k_cache.shape[1]
@@ -31,7 +31,7 @@ def store_kv_slots(k, v, k_cache, v_cache, slot_mapping):  # noqa: ANN001, ANN20
         v_cache[slot // bs, slot % bs] = v[t]
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _check_tables(tables, lengths, num_blocks, block_size):  # noqa: ANN001, ANN202
     """Every block a sequence reads must exist: Numba does not bounds-check indexing."""
     for b in range(tables.shape[0]):
@@ -84,7 +84,7 @@ def _attend_one(q, k_cache, v_cache, table, first, length, kv_head, scale, out, 
 RUNS = 32  # paged_decode's work items: enough to balance the threads of most CPUs
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window, out):  # noqa: ANN001, ANN201
     """q (B, H, D): one new token per sequence, attending to its last `window` positions (0:
     all); out (B, H, D). The B x H query heads are split
@@ -109,7 +109,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window,
             )  # fmt: skip
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def paged_prefill(q, k_cache, v_cache, block_table, context_len, scale, window, out):  # noqa: ANN001, ANN201
     """Causal attention for n new tokens at the end of a context_len context, each seeing its
     last `window` positions (0: all); q/out (n, H, D)."""

@@ -45,7 +45,7 @@ def _project_alone(h, w):  # noqa: ANN001, ANN202
     return _project(h, quantize_for_matmul(h, w[7]), w, h[0, :0])
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer reads
     x,  # noqa: ANN001 - (B, d) float32, updated in place: x + attention, then + FFN
     attn_norm,  # noqa: ANN001

@@ -60,7 +60,7 @@ def _q8_dot(x, codes, scale, n, t):  # noqa: ANN001, ANN202
     return lanes_sum(acc)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K) int8; scale (N, K/32) (Q8_0); out (T, N).
     Pairs of (row, token) per pass, two independent accumulator chains: two rows for T = 1 (they
@@ -101,7 +101,7 @@ def q8_fused(x, codes, scale, out):  # noqa: ANN001, ANN201
                     out[t_rows - 1, n] = _q8_dot(x, codes, scale, n, t_rows - 1)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def q8_16_matvec(x, codes, scale, out):  # noqa: ANN001, ANN201
     """One token, one scale per 16 int8 weights (Q6_K): x (K,), scale (N, K/16), out (N,)."""
     n_rows, nb = scale.shape
@@ -117,7 +117,7 @@ def q8_16_matvec(x, codes, scale, out):  # noqa: ANN001, ANN201
         out[n] = lanes_sum(acc)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def float_matvec(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
     """One token: x (K,); codes (N, K) float32, or uint16 fp16/bf16 bits; out (N,)."""
     for n in prange(codes.shape[0]):
@@ -185,7 +185,7 @@ def _store4(out, t, n0, nr, a0, a1, a2, a3):  # noqa: ANN001, ANN202
         out[t, n0 + 3] = a3
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def q8_tiled(x, codes, scale, block, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K) int8; scale (N, K/block); out (T, N)."""
     n_rows, k = codes.shape[0], x.shape[1]
@@ -198,7 +198,7 @@ def q8_tiled(x, codes, scale, block, out):  # noqa: ANN001, ANN201
             _tile_times_x(x, w, n0, nr, out)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def float_tiled(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
     """x (T, K); codes (N, K) float32 or uint16 bits; out (T, N)."""
     n_rows, k = codes.shape[0], x.shape[1]
@@ -213,13 +213,13 @@ def float_tiled(x, codes, is_bf16, out):  # noqa: ANN001, ANN201
 
 # ----------------------------------------------------------------------------- embedding
 # No fastmath here: d * q rounds once, exactly as the reference dequantizer does.
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def q8_rows(ids, codes, scale, block, out):  # noqa: ANN001, ANN201
     for t in prange(ids.shape[0]):
         _q8_row(codes, scale, block, ids[t], out[t])
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def float_rows(ids, codes, is_bf16, out):  # noqa: ANN001, ANN201
     for t in prange(ids.shape[0]):
         _float_row(codes, is_bf16, ids[t], out[t])
@@ -284,7 +284,7 @@ def _matmul_impl(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, o
     return float_weights
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def packed_matmul(x, codes, scale, offset, offset_mult, block, is_bf16, int8_activations, out):  # noqa: ANN001, ANN201, PLR0913
     """``matmul`` for Python callers (cpu.linear)."""
     if x.shape[0]:

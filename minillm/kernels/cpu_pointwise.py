@@ -13,7 +13,7 @@ from numba import njit, prange
 from minillm.kernels.cpu_numerics import FASTMATH, exp_f32
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
 def rms_norm_rows(x, weight, eps, out):  # noqa: ANN001, ANN202
     """out (T, d) = x / sqrt(mean(x^2) + eps) * weight, row by row."""
     t_rows, d = x.shape
@@ -26,7 +26,7 @@ def rms_norm_rows(x, weight, eps, out):  # noqa: ANN001, ANN202
             out[t, i] = x[t, i] * inv * weight[i]
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
 def rope_heads(x, cos, sin, out):  # noqa: ANN001, ANN202
     """out (T, H, D): each head's pairs (i, i + D/2) rotated by its token's angles."""
     t_rows, h_count, d = x.shape
@@ -39,7 +39,7 @@ def rope_heads(x, cos, sin, out):  # noqa: ANN001, ANN202
                 out[t, h, half + i] = x2 * c + x1 * s
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def silu_mul_rows(gate, up, out):  # noqa: ANN001, ANN202
     """out (T, f) = silu(gate) * up; exp_f32, not np.exp, so that the loop vectorizes."""
     for t in prange(gate.shape[0]):
@@ -51,7 +51,7 @@ def silu_mul_rows(gate, up, out):  # noqa: ANN001, ANN202
 _GELU_C = np.float32(0.7978845608028654)  # sqrt(2 / pi)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def gelu_tanh_mul_rows(gate, up, out):  # noqa: ANN001, ANN202
     """out (T, f) = gelu(gate) * up with GELU's tanh approximation,
     0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3); 1 + tanh(u) = 2 - 2 / (exp(2u) + 1),

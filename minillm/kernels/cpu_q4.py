@@ -64,7 +64,7 @@ ONE_BY_ONE_BELOW = TOKENS // 2
 
 
 # ----------------------------------------------------------------------------- q4
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def q4_matvec(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
     """x (1, K) float32; codes (P, K/32, 16, 16) uint8; scale/offset (P, K/32, 16); out (1, N).
     Eight partial sums per block (four codes x low and high nibble)."""
@@ -102,7 +102,7 @@ def q4_matvec(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN20
         _store_panel(acc, out, 0, p)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def q4_panels(xg, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
     """xg (G, K, TOKENS): x in groups of 8 tokens, xg[g, k, i] = x[8g + i, k] (zeros past T);
     codes (P, K/32, 16, 16) uint8; scale/offset (P, K/32, 16); out (T, N), T <= 8G.
@@ -153,7 +153,7 @@ def q4_matmul(x, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN20
 
 # ----------------------------------------------------------------------------- embedding
 # No fastmath here: d * q (+ m) rounds as the reference dequantizer does.
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def q4_rows(ids, codes, scale, offset, offset_mult, out):  # noqa: ANN001, ANN201
     """out[t] = dequantized row ids[t] (embedding lookup): only those rows are decoded."""
     mult = np.float32(offset_mult)
