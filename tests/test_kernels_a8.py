@@ -53,6 +53,7 @@ def test_quantizer_matches_the_reference_exactly() -> None:
     x[1, :32] = 0  # an all-zero block: scale 0, codes 0
     x[2, 32:64] = np.arange(32, dtype=np.float32) - 15.5  # halves: round-half-even decides
     x[3, 64] = 1e6  # one huge value flattens its block to 0 and +-127
+    x[4, 96] = -50  # the largest magnitude is negative: the scale takes its absolute value
     xq, xd, xs, sum16 = cpu_a8.quantize_activations(x, 8)
     q, d = ref.quantize_activations(torch.from_numpy(x))
     assert xq.shape == (8, 128) and not xq[5:].any()  # padded to a multiple of 8 with zeros
@@ -62,6 +63,18 @@ def test_quantizer_matches_the_reference_exactly() -> None:
     np.testing.assert_array_equal(sum16[:5], halves)
     np.testing.assert_allclose(xs[:5], d.numpy() * halves.reshape(5, 4, 2).sum(-1), rtol=1e-6)
     assert (np.abs(xq) <= 127).all() and xd[1, 0] == 0 and not xq[1, :32].any()
+    assert xq[4, 96] == -127
+
+
+def test_quantizer_on_many_tokens_splits_rows_over_threads_alike() -> None:
+    """From PARALLEL_QUANTIZE_FROM tokens the rows go to the threads: same codes and scales."""
+    rows = cpu_a8.PARALLEL_QUANTIZE_FROM + 3
+    x = np.random.default_rng(1).standard_normal((rows, 96)).astype(np.float32)
+    xq, xd, _, _ = cpu_a8.quantize_activations(x, 8)
+    q, d = ref.quantize_activations(torch.from_numpy(x))
+    assert xq.shape[0] == -(-rows // 8) * 8
+    np.testing.assert_array_equal(xq[:rows], q.numpy())
+    np.testing.assert_array_equal(xd[:rows], d.numpy())
 
 
 def test_reference_quantizer_rejects_ragged_rows() -> None:
