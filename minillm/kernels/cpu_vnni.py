@@ -1,19 +1,22 @@
-"""Integer dot products of int8 activations with 4- and 8-bit weights, as LLVM vector code.
+"""int8 activations as LLVM vector code: their quantization and their dot products with 4- and
+8-bit weights.
 
 The int8-activation kernels (``cpu_a8``) spend their time in one operation: multiply 64 unsigned
 bytes by 64 signed bytes and add each group of four products into one of 16 int32 lanes. With
 AVX-512 VNNI that is one instruction, ``vpdpbusd``; llama.cpp's Q8 x Q4 dot products are built on
 it (and on AVX2's ``vpmaddubsw`` + ``vpmaddwd`` pair where VNNI is missing). Numba cannot write
-a vector type, so the two helpers here are intrinsics that emit the LLVM IR themselves: loads of
+a vector type, so the helpers here are intrinsics that emit the LLVM IR themselves: loads of
 64 bytes, the byte shuffle, nibble masks, broadcasts, and the dot product.
 
-- ``q4_block_dot``: one block (32 weights) of one 16-row panel (``cpu_packing``) against up to
+- ``q4_block_fma``: one block (32 weights) of one 16-row panel (``cpu_packing``) against up to
   ``tokens`` tokens. The panel stores byte j of the block's 16 rows side by side; ``vpermb``
   turns 64 of those bytes (bytes j..j+3 of 16 rows) into 16 lanes of four consecutive weights
   of one row each, the low nibbles being weights j..j+3 and the high ones j+16..j+19.
-- ``q8_chunk_dot``: 64 consecutive int8 weights of one row against ``tokens`` tokens. VNNI
+- ``q8_block_fma``: one block of a 16-row int8 panel against ``tokens`` tokens. VNNI
   multiplies *unsigned* by signed bytes, so the weights get 128 added (one xor of the sign bit)
-  and 128 x (the activations' sums of four) is taken off again: exact.
+  and 128 x (the activations' sums) is taken off again: exact.
+- ``quantize_block``: 32 activations to int8 codes and their scale (the Q8_0 rule).
+- ``dpbusd_chain``: ``vpdpbusd`` on registers only, for the int8 roof (``roofline``).
 
 Where the CPU lacks VNNI: 4-bit codes go through AVX2's ``vpmaddubsw`` (byte pairs into int16,
 which 4-bit codes cannot saturate) and ``vpmaddwd`` (int16 pairs into int32), as llama.cpp does;
