@@ -43,8 +43,8 @@ TOKENS = 8  # x is padded to a multiple of this many tokens for the batched kern
 WIDE = 16  # tokens per pass where 16 remain: the shuffled weights serve twice as many tokens
 TOKENS_IN_L2 = 128  # tokens of int8 x (128 x 1536 bytes) that stay in L2 while every panel passes
 ONE_BY_ONE_BELOW = 4  # fewer tokens: the one-token kernel per token
-PARALLEL_QUANTIZE_FROM = 128  # tokens; below, one thread quantizes (~0.4 ns a value: a thread
-# start costs more)
+# tokens; below, one thread quantizes (at ~0.4 ns a value, a thread start costs more)
+PARALLEL_QUANTIZE_FROM = 128
 
 
 # ----------------------------------------------------------------------------- activations
@@ -104,7 +104,7 @@ def quantize_for_matmul(x, int8_activations):  # noqa: ANN001, ANN201
     will run), or empty arrays when int8_activations is False. Matmuls that share an input
     (q, k, v; gate, up) share one quantization (``cpu_layer``)."""
     if not int8_activations:
-        return quantize_activations(x[:0], 1)
+        return _quantized_buffers(x[:0], 1)  # nothing to quantize: no call, no copy
     return quantize_activations(x, 1 if x.shape[0] < ONE_BY_ONE_BELOW else TOKENS)
 
 

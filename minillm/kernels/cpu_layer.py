@@ -33,16 +33,16 @@ def _project(h, hquant, w, bias):  # noqa: ANN001, ANN202
     """h (T, K) @ W.T (+ bias; an empty bias means none) -> (T, N); w is a layer_args tuple,
     hquant h's int8 blocks when W's matmul takes them (``quantize_for_matmul``)."""
     out = np.empty((h.shape[0], w[0]), np.float32)
-    matmul_quantized(h, hquant, w[1], w[2], w[3], w[4], w[5], w[6], out)
+    matmul_quantized(h, hquant, w[1], w[2], w[3], w[4], w[5], w[6], w[7], out)
     if bias.shape[0]:
         out += bias
     return out
 
 
 @njit(inline="always", cache=True)
-def _project_alone(h, w):  # noqa: ANN001, ANN202
-    """h @ W.T for a matrix that has h to itself (o, down): quantized here if W needs it."""
-    return _project(h, quantize_for_matmul(h, w[7]), w, h[0, :0])
+def _project_alone(h, w, bias):  # noqa: ANN001, ANN202
+    """``_project`` for a matrix that has h to itself (o, down): quantized here if W needs it."""
+    return _project(h, quantize_for_matmul(h, w[7]), w, bias)
 
 
 @njit(nogil=True, cache=True)
@@ -87,11 +87,11 @@ def decode_layer(  # noqa: ANN201, PLR0913 - one argument per tensor the layer r
     store_kv_slots(k_rot, v, k_cache, v_cache, slots)
     attn = np.empty_like(q_rot)
     paged_decode(q_rot, k_cache, v_cache, block_tables, context_lens, scale, 0, attn)
-    x += _project_alone(attn.reshape(b, num_heads * head_dim), wo)
+    x += _project_alone(attn.reshape(b, num_heads * head_dim), wo, no_bias)
     # ---- feed-forward block (SwiGLU): x + W_down . (silu(W_gate.h) * W_up.h)
     rms_norm_rows(x, ffn_norm, eps, h)
     hquant = quantize_for_matmul(h, w_gate[7] or w_up[7])
     gate, up = _project(h, hquant, w_gate, no_bias), _project(h, hquant, w_up, no_bias)
     act = np.empty_like(gate)
     silu_mul_rows(gate, up, act)
-    x += _project_alone(act, w_down)
+    x += _project_alone(act, w_down, no_bias)

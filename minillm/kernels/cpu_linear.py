@@ -231,27 +231,32 @@ def matmul(x, codes, scale, offset, offset_mult, block, is_bf16, int8_activation
     """out (T, N) = x (T, K) @ W.T, W given by a PackedWeight's arrays (its ``kernel_args``).
     With int8_activations, x is first quantized to int8 blocks (``cpu_a8``)."""
     xquant = quantize_for_matmul(x, int8_activations)
-    matmul_quantized(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, out)
+    matmul_quantized(x, xquant, codes, scale, offset, offset_mult, block, is_bf16,
+                     int8_activations, out)  # fmt: skip
 
 
-def matmul_quantized(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN201, PLR0913
+def matmul_quantized(
+    x, xquant, codes, scale, offset, offset_mult, block, is_bf16, int8_activations, out
+):  # noqa: ANN001, ANN201, PLR0913
     """``matmul`` with x already quantized (xquant = ``quantize_for_matmul(x, ...)``): matmuls
     that share an input share the quantization.
 
     Callable from Numba code only: the overload below picks the kernel family from the codes'
     dtype and shape at compile time, and the loop shape from T at run time (few tokens: the
-    fused loops; many, as in prefill: decode weight tiles once). Where xquant holds no rows
-    (float activations), 4-bit weights take the float kernels (``cpu_q4``); the integer ones
-    (``cpu_a8``) multiply xquant's bytes by the weight bytes."""
+    fused loops; many, as in prefill: decode weight tiles once). A weight prepared for int8
+    activations (its int8_activations flag) takes the integer kernels (``cpu_a8``) on xquant's
+    bytes; one prepared for fp32 activations takes the float kernels on x."""
     raise NotImplementedError("only callable from Numba code")
 
 
 @overload(matmul_quantized, inline="always")
-def _matmul_impl(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202, PLR0913
+def _matmul_impl(
+    x, xquant, codes, scale, offset, offset_mult, block, is_bf16, int8_activations, out
+):  # noqa: ANN001, ANN202, PLR0913
     if codes.dtype == types.uint8:  # q4
 
-        def q4(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202, PLR0913
-            if xquant[0].shape[0]:
+        def q4(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, int8_activations, out):  # noqa: ANN001, ANN202, PLR0913
+            if int8_activations:
                 q4_a8_matmul(xquant, codes, scale, offset, offset_mult, out)
             else:
                 q4_matmul(x, codes, scale, offset, offset_mult, out)
@@ -259,13 +264,15 @@ def _matmul_impl(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, o
         return q4
     if codes.dtype == types.int8 and codes.ndim == 4:  # q8 panels: int8 activations only
 
-        def q8_panels(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202, PLR0913
+        def q8_panels(
+            x, xquant, codes, scale, offset, offset_mult, block, is_bf16, int8_activations, out
+        ):  # noqa: ANN001, ANN202, PLR0913
             q8_a8_matmul(xquant, codes, scale, out)
 
         return q8_panels
     if codes.dtype == types.int8:  # q8: 32 weights per scale (Q8_0, Q5_0) or 16 (Q6_K)
 
-        def q8(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202, PLR0913
+        def q8(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, int8_activations, out):  # noqa: ANN001, ANN202, PLR0913
             if block == 32 and x.shape[0] <= FUSED_MAX_T:
                 q8_fused(x, codes, scale, out)
             elif x.shape[0] == 1:
@@ -275,7 +282,9 @@ def _matmul_impl(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, o
 
         return q8
 
-    def float_weights(x, xquant, codes, scale, offset, offset_mult, block, is_bf16, out):  # noqa: ANN001, ANN202, PLR0913
+    def float_weights(
+        x, xquant, codes, scale, offset, offset_mult, block, is_bf16, int8_activations, out
+    ):  # noqa: ANN001, ANN202, PLR0913
         if x.shape[0] == 1:
             float_matvec(x[0], codes, is_bf16, out[0])
         else:

@@ -440,7 +440,7 @@ def quantize_block(typingctx, x, x_at, xq, q_at, xd, xs, s_at, sum16):  # noqa: 
 
 
 def _vector_fn(builder: ir.IRBuilder, name: str, vector_type: ir.Type, arity: int) -> ir.Function:
-    """An LLVM vector intrinsic taking and returning `vector_type` (llvm.fabs, llvm.rint...)."""
+    """An LLVM vector intrinsic taking and returning `vector_type` (llvm.umax, llvm.rint...)."""
     return cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(vector_type, [vector_type] * arity), name
     )
