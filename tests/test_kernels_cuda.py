@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cuda_resident_checks import RESIDENT_CHECKS
 
 CHILD_TIMEOUT_S = 900
 ATOL, RTOL = 1e-4, 1e-5  # fp32, different summation orders
@@ -265,12 +266,14 @@ def _greedy_tokens(engine, prompts: list[str], max_tokens: int) -> list[list[int
     return [list(done[f"r{i}"]) for i in range(len(prompts))]
 
 
-def _tiny_model_dir() -> Path:
+def _tiny_model_dir(name: str = "tiny_llama_cuda", **shape: int) -> Path:
+    """A tiny random Llama in the run's temp folder (made once); `shape` overrides HF config
+    fields (hidden_size=32, ...)."""
     from minillm.testing import make_tiny_model
 
-    folder = Path(os.environ.get("MINILLM_CUDA_TEST_TMP", "/tmp")) / "tiny_llama_cuda"
+    folder = Path(os.environ.get("MINILLM_CUDA_TEST_TMP", "/tmp")) / name
     if not (folder / "config.json").exists():
-        make_tiny_model(folder, "llama")
+        make_tiny_model(folder, "llama", **shape)
     return folder
 
 
@@ -284,6 +287,7 @@ def check_tiny_model_greedy_matches_ref() -> None:
     prompts = ["The quick brown fox", "KV cache"]
     opts = dict(block_size=4, num_kv_blocks=24)
     cu_llm, ref_llm = LLM(folder, backend="cuda", **opts), LLM(folder, backend="ref", **opts)
+    cu_llm.engine.runner.model.use_resident = False  # the lessons' path: one op at a time
     # the backend allocated the engine's KV cache on the device: no step copies it over
     assert all(hasattr(t, "copy_to_host") for t in cu_llm.engine.kv_cache.k)
     expected = _greedy_tokens(ref_llm.engine, prompts, 3)
@@ -301,37 +305,14 @@ def check_tiny_model_greedy_matches_ref() -> None:
 def check_quantized_tiny_model_matches_ref() -> None:
     """The same model with its matrices in Q4_1 (layers), Q8_0 (embedding) and Q4_0 (lm_head),
     like the bundled GGUF: every linear is the quantized matvec, on both backends' own reading
-    of the same bytes."""
-    from dataclasses import fields, replace
+    of the same bytes (on cuda through the engine's resident forward)."""
+    from cuda_resident_checks import quantized_tiny
 
     from minillm.engine.llm_engine import EngineConfig, LLMEngine
-    from minillm.formats.blocks import QuantTensor
-    from minillm.loader import read_model_files
     from minillm.model.llama import LlamaModel
 
     cu, ref = _backends()
-    config, weights, tokenizer = read_model_files(_tiny_model_dir())
-
-    def quant(t, fmt: str):  # noqa: ANN001, ANN202
-        return QuantTensor.from_array(t.dequantize(), fmt) if len(t.shape) == 2 else t
-
-    layers = [
-        replace(
-            lw,
-            **{
-                f.name: quant(getattr(lw, f.name), "Q4_1")
-                for f in fields(lw)
-                if getattr(lw, f.name) is not None
-            },
-        )
-        for lw in weights.layers
-    ]
-    qweights = replace(
-        weights,
-        embed=quant(weights.embed, "Q8_0"),
-        layers=layers,
-        lm_head=quant(weights.lm_head, "Q4_0"),
-    )
+    config, qweights, tokenizer = quantized_tiny()
     engine_config = EngineConfig(block_size=4, num_kv_blocks=24)
     tokens = {}
     for ops in (cu, ref):
@@ -356,6 +337,7 @@ CHECKS: dict[str, Callable[[], None]] = {
         check_bad_input_is_named,
         check_tiny_model_greedy_matches_ref,
         check_quantized_tiny_model_matches_ref,
+        *RESIDENT_CHECKS,
     ]
 }
 
@@ -483,14 +465,18 @@ def test_cuda_backend_without_gpu_or_simulator_says_what_to_do() -> None:
 
 def test_kernels_compile_for_a_real_gpu_in_fp32_only() -> None:
     """Compile every kernel to PTX (sm_80) with numba's real CUDA compiler, no GPU needed, and
-    check that no float64 instruction slipped in (a Python float literal would cause one).
+    check that no float64 instruction slipped in (a Python float literal would cause one). The
+    simulator runs kernels as Python and checks no types: this is where a kernel that would not
+    compile for a GPU fails.
 
     Needs NVIDIA's NVVM and NVRTC libraries (the CUDA toolkit, or the nvidia-cuda-nvcc and
     nvidia-cuda-nvrtc wheels); skips with the loader's message when they are missing."""
     code = r"""
 import sys
 from numba import cuda, float32, int64, uint8, void
+from numba import float64
 from minillm.kernels import cuda_attention as A, cuda_linear as L, cuda_pointwise as P
+from minillm.kernels import cuda_fused as F
 f1, f2, f3, f4 = float32[::1], float32[:, ::1], float32[:, :, ::1], float32[:, :, :, ::1]
 i1, i2 = int64[::1], int64[:, ::1]
 kernels = {
@@ -502,10 +488,23 @@ kernels = {
     "decode": (A.make_paged_decode_attention(32, 64), (f3, f4, f4, i2, i1, float32, f3)),
     "prefill": (A.make_paged_prefill_attention(32, 64), (f3, f4, f4, i1, int64, float32, f3)),
 }
+kernels["rope_store"] = (F.make_rope_store(), (f2, f2, f2, i1, f4, f4, f3))
 for fmt in ("F32", "Q8_0", "Q4_0", "Q4_1"):
     w = f2 if fmt == "F32" else uint8[:, ::1]
     kernels["matvec_" + fmt] = (L.make_matvec(fmt, 32, 4), (w, f2, f1, int64, f2))
     kernels["embedding_" + fmt] = (P.make_embedding(fmt), (i1, w, f2))
+    # the resident path's fused kernels (cuda_fused.py), at SmolLM2's d = 576
+    qkv_sig = (f2, f1, float32, w, w, w, f1, f1, f1, int64, f2)
+    kernels["qkv_" + fmt] = (F.make_qkv(fmt, fmt, fmt, 32, 4, 576), qkv_sig)
+    kernels["glu_" + fmt] = (F.make_glu(fmt, fmt, 32, 4, 576), (f2, f1, float32, w, w, f2))
+    kernels["residual_" + fmt] = (F.make_residual_matvec(fmt, 32, 4), (w, f2, f2))
+    norm_sig = (f2, i1, f1, float32, w, f2)
+    kernels["norm_matvec_" + fmt] = (F.make_norm_matvec(fmt, 32, 4, 576), norm_sig)
+u8 = uint8[:, ::1]
+kernels["qkv_mixed"] = (
+    F.make_qkv("Q4_1", "Q8_0", "F32", 32, 4, 576),
+    (f2, f1, float32, u8, u8, f2, f1, f1, f1, int64, f2),
+)
 try:
     cuda.compile_ptx(kernels["silu_mul"][0].py_func, void(f1, f1, f1), cc=(8, 0))
 except Exception as e:
@@ -516,6 +515,10 @@ for name, (kernel, sig) in kernels.items():
     f64 = [line.strip() for line in ptx.splitlines() if ".f64" in line]
     assert not f64, (name, f64[:5])
     print("OK", name)
+# the one kernel meant to use float64: rope angles, once per step (see make_rope_table)
+ptx, _ = cuda.compile_ptx(F.make_rope_table().py_func, void(i1, float64[::1], f2, f2), cc=(8, 0))
+assert ".f64" in ptx
+print("OK rope_table")
 """
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     out = subprocess.run(
@@ -524,7 +527,7 @@ for name, (kernel, sig) in kernels.items():
     assert out.returncode == 0, out.stderr[-6000:]
     if out.stdout.startswith("SKIP"):
         pytest.skip(f"numba cannot compile PTX here (no NVVM/NVRTC): {out.stdout.strip()}")
-    assert out.stdout.count("OK ") == 15, out.stdout
+    assert out.stdout.count("OK ") == 34, out.stdout
 
 
 # ---------------------------------------------------------------------------- real GPU only

@@ -9,10 +9,11 @@ Where the data lives:
 - **weights** are copied to the device once, at load time (``prepare_*``), and stay there as
   the bytes of their GGUF format (Q8_0 / Q4_0 / Q4_1) or as fp32. Other formats (F16, BF16,
   K-quants) are dequantized to fp32 first: correct, but 2-7x more bytes to stream per token.
-- **activations** arrive as CPU torch tensors (the model adds residuals and reshapes with
-  torch), go to the device for one op, and come back. That costs two PCIe copies per op, small
-  next to the weights for decode. A GPU build of the model would keep them on the device
-  (torch CUDA tensors passed through ``__cuda_array_interface__``, zero-copy).
+- **activations**: the ops below take CPU torch tensors, copy them to the device for one op
+  and back (two PCIe copies per op): the form the lessons call one op at a time. The engine
+  does not use them: ``resident_forward`` runs the whole model on the device, activations in
+  a reused workspace, six fused launches per layer, only the step's token ids and bookkeeping
+  in and the sampled rows' logits out (``cuda_resident.py``, ``cuda_fused.py``).
 - **the KV cache** lives on the device: the engine asks the backend for it
   (``allocate_kv_cache``), so ops read and write device arrays (NB, BS, KvH, D) in place with
   global block ids and nothing crosses PCIe for attention. Host tensors still work (lessons and
@@ -106,7 +107,7 @@ SIM_LAUNCH = LaunchConfig(
     tile_rows=16,
     tile_depth=64,
     lanes=1,
-    rows_per_block=16,
+    rows_per_block=4,
     norm_threads=4,
     attn_threads=8,
     elementwise_threads=32,
@@ -328,6 +329,21 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                 _to_device(gate.reshape(-1)), _to_device(up.reshape(-1)), out
             )
     return _to_torch(out).reshape(gate.shape)
+
+
+# ----------------------------------------------------------------------------- resident
+def resident_forward(model: object):  # noqa: ANN201 - a cuda_resident.ResidentForward
+    """The model's whole forward on the device: weights, activations and KV cache resident,
+    six fused launches per layer (kernels/cuda_resident.py). The engine's path; the ops
+    above stay for the lessons, which call them one at a time."""
+    from minillm.kernels.cuda_resident import ResidentForward
+
+    return ResidentForward(model)
+
+
+def resident_accepts(k_caches: list) -> bool:
+    """The resident forward reads and writes the cache in place: device arrays only."""
+    return bool(k_caches) and _is_device_array(k_caches[0])
 
 
 # ----------------------------------------------------------------------------- paged KV

@@ -28,7 +28,7 @@ import functools
 
 from numba import cuda, float32
 
-from minillm.kernels.cuda_quant import BLOCK_DOT, KERNEL_FORMATS
+from minillm.kernels.cuda_quant import KERNEL_FORMATS, ROW_DOT
 from minillm.kernels.cuda_simulator import make_shared_arrays_thread_safe
 
 # every kernel module imports this one: under the simulator, shared memory must be race-free
@@ -121,8 +121,7 @@ def make_matvec(fmt: str, lanes: int, rows_per_block: int):  # noqa: ANN201 - a 
     check_power_of_two("lanes", lanes)
     if rows_per_block < 1:
         raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
-    block_dot = BLOCK_DOT[fmt]
-    per_block = KERNEL_FORMATS[fmt][0]
+    row_dot = ROW_DOT[fmt]
 
     def matvec(w, x, bias, use_bias, out):
         lane = cuda.threadIdx.x
@@ -130,15 +129,13 @@ def make_matvec(fmt: str, lanes: int, rows_per_block: int):  # noqa: ANN201 - a 
         partial = cuda.shared.array((rows_per_block, lanes), float32)
         n_tok = x.shape[0]
         n_rows = out.shape[1]
-        n_blocks = x.shape[1] // per_block
         for t in range(cuda.blockIdx.y, n_tok, cuda.gridDim.y):
             step_rows = cuda.gridDim.x * rows_per_block
             for first in range(cuda.blockIdx.x * rows_per_block, n_rows, step_rows):
                 row = first + slot
                 acc = float32(0.0)
                 if row < n_rows:
-                    for blk in range(lane, n_blocks, lanes):
-                        acc += block_dot(w, row, blk, x, t)
+                    acc = row_dot(w, row, lane, lanes, x, t)
                 if lanes == 1:  # a compile-time constant: one lane per row needs no reduction
                     if row < n_rows:
                         out[t, row] = acc + bias[row] if use_bias else acc

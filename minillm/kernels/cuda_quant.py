@@ -156,4 +156,36 @@ def value_q4_1(w, row, col):
 
 
 BLOCK_DOT = {"F32": dot_f32, "Q8_0": dot_q8_0, "Q4_0": dot_q4_0, "Q4_1": dot_q4_1}
+
+
+# ------------------------------------------------------------------------------ row dots
+# A lane's share of one row: blocks lane, lane + lanes, ... of row `row`, dotted with token t.
+# On a GPU this is exactly the loop a kernel would write around the block dot; in the
+# simulator, where each device-function call costs ~10 us of Python, F32 (a "block" is one
+# weight) loops inline instead of calling once per weight, which makes it ~5x faster there.
+@cuda.jit(device=True, inline=True)
+def row_dot_f32(w, row, lane, lanes, x, t):
+    acc = float32(0.0)
+    for k in range(lane, x.shape[1], lanes):
+        acc += w[row, k] * x[t, k]
+    return acc
+
+
+def _row_dot(block_dot, per_block: int):  # noqa: ANN001, ANN202 - a device function
+    @cuda.jit(device=True, inline=True)
+    def row_dot(w, row, lane, lanes, x, t):
+        acc = float32(0.0)
+        for blk in range(lane, x.shape[1] // per_block, lanes):
+            acc += block_dot(w, row, blk, x, t)
+        return acc
+
+    return row_dot
+
+
+ROW_DOT = {
+    "F32": row_dot_f32,
+    "Q8_0": _row_dot(dot_q8_0, 32),
+    "Q4_0": _row_dot(dot_q4_0, 32),
+    "Q4_1": _row_dot(dot_q4_1, 32),
+}
 VALUE = {"F32": value_f32, "Q8_0": value_q8_0, "Q4_0": value_q4_0, "Q4_1": value_q4_1}

@@ -64,7 +64,7 @@ class Gemma3Model(LlamaModel):
         self.scale = opts.query_pre_attn_scalar**-0.5
         # HF multiplies in the weights' dtype: sqrt(d) rounded to float32 is the reference
         self.embed_scale = float(torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32))
-        self.fused_decode = False
+        self.fused_decode = self.use_resident = False  # both are Llama's math
         # each layer's window (0: global), from which the engine groups the KV (kv/layout.py)
         self.layer_windows = [opts.window(i) for i in range(config.num_layers)]
 

@@ -61,6 +61,10 @@ class LlamaModel:
         # A backend may offer all layers of a decode-only step as one fused call (cpu does:
         # see kernels/cpu_layer.py); set False to run op by op, as the lessons do to compare.
         self.fused_decode = hasattr(ops, "decoder_layers") and not moe_layers
+        # A backend may run the whole forward resident on its device (cuda does: see
+        # kernels/cuda_resident.py), built on first use; set False to run op by op.
+        self.use_resident = hasattr(ops, "resident_forward") and not moe_layers
+        self._resident: Any = None
 
     def make_moe(self, weights: Any, row: int) -> Any:
         """An MoE layer's FFN (row: its row in expert_counts); expert parallelism builds one
@@ -78,6 +82,10 @@ class LlamaModel:
         self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         """Run the new tokens through all layers, writing their K/V; return (S, V) logits."""
+        if self.use_resident and not batch.layer_group and self.ops.resident_accepts(k_caches):
+            if self._resident is None:
+                self._resident = self.ops.resident_forward(self)
+            return self._resident(batch, k_caches, v_caches)
         return self._logits(self._layers(batch, k_caches, v_caches), batch)
 
     @torch.inference_mode()

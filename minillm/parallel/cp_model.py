@@ -37,6 +37,7 @@ class ContextParallelLlama(LlamaModel):
         self.layout: SeqLayout | None = None
         self.stats = RingStats()
         self.fused_decode = False  # a fused decode call would bypass `_attention`
+        self.use_resident = False  # and so would a resident forward
 
     def _attention(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, batch: ForwardBatch

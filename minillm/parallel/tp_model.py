@@ -77,6 +77,7 @@ class ShardedLlamaModel(LlamaModel):
         self.world_size = tp  # the TP degree (what the all-reduce and the gather span)
         # a fused backend call would skip the all-reduce hook; PP alone can keep it
         self.fused_decode = self.fused_decode and tp == 1
+        self.use_resident = False  # a shard's forward has hooks (embed, all-reduce) it skips
         self.tp_group: Any = None
         self.tp_leader = parallel.rank_of(self.stage, 0)
         self.incoming: torch.Tensor | None = None
