@@ -168,7 +168,7 @@ def check_resident_engine_matches_ref() -> None:
     model = cu_llm.engine.runner.model
     expected = t._greedy_tokens(ref_llm.engine, prompts, 4)
     assert t._greedy_tokens(cu_llm.engine, prompts, 4) == expected
-    resident = model._resident
+    resident = model.resident
     assert resident is not None, "the engine's forward went op by op, not resident"
     assert t._greedy_tokens(cu_llm.engine, prompts[:1], 2) == [expected[0][:2]]
     pair = SamplingParams(temperature=0, max_tokens=3, n=2)
@@ -243,7 +243,7 @@ def check_resident_batch_of_256_decodes_and_a_prefill() -> None:
         expected = models["ref"].forward(batch, *caches["ref"])
         t._close(got, expected, f"logits of {batch.num_tokens} tokens", atol=1e-3)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    assert models["cuda"]._resident is not None
+    assert models["cuda"].resident is not None
     for kc_cu, kc_ref in zip(caches["cuda"][0], caches["ref"][0], strict=True):
         t._close(_host(kc_cu), kc_ref, "k cache after both steps", atol=1e-4)
 

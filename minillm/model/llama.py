@@ -66,6 +66,11 @@ class LlamaModel:
         self.use_resident = hasattr(ops, "resident_forward") and not moe_layers
         self._resident: Any = None
 
+    @property
+    def resident(self) -> Any:
+        """The backend's resident forward once the first step built it (cuda), else None."""
+        return self._resident
+
     def make_moe(self, weights: Any, row: int) -> Any:
         """An MoE layer's FFN (row: its row in expert_counts); expert parallelism builds one
         that dispatches tokens to other ranks instead (parallel/ep_moe.py)."""
