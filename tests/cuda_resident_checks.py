@@ -191,7 +191,8 @@ def check_resident_engine_matches_ref() -> None:
 def check_resident_batch_of_256_decodes_and_a_prefill() -> None:
     """One forward of 256 decode rows (one sequence 5 tokens deep, 255 at position 0) plus a
     prefill chunk that continues another sequence, on the quantized tiny model: logits and
-    the KV written equal ref's on host caches."""
+    the KV written equal ref's on host caches. Out-of-range ids, slots, blocks and rows are
+    refused with their name."""
     from minillm.model.batch import ForwardBatch, PrefillChunk
     from minillm.model.llama import LlamaModel
 
@@ -244,6 +245,22 @@ def check_resident_batch_of_256_decodes_and_a_prefill() -> None:
         t._close(got, expected, f"logits of {batch.num_tokens} tokens", atol=1e-3)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert models["cuda"].resident is not None
+    # bad input is named before any kernel could read out of bounds
+    from dataclasses import replace
+
+    bad = [
+        (replace(first, token_ids=first.token_ids.clone().fill_(config.vocab_size)), "token ids"),
+        (replace(first, slot_mapping=first.slot_mapping + nb * bs), "slots"),
+        (replace(second, decode_block_tables=second.decode_block_tables + nb), "decode block ids"),
+        (replace(first, logits_rows=torch.tensor([8])), "sampled rows"),
+    ]
+    for batch, words in bad:
+        try:
+            models["cuda"].forward(batch, *caches["cuda"])
+        except ValueError as e:
+            assert words in str(e), (words, str(e))
+        else:
+            raise AssertionError(f"no error for bad {words}")
     for kc_cu, kc_ref in zip(caches["cuda"][0], caches["ref"][0], strict=True):
         t._close(_host(kc_cu), kc_ref, "k cache after both steps", atol=1e-4)
 

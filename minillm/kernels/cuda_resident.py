@@ -98,6 +98,35 @@ class _Layer:
     biases: tuple[Any, Any, Any] | None  # q, k, v (Qwen2), or None
 
 
+def check_step(batch: Any, vocab: int, num_blocks: int, block_size: int, rows: int) -> None:
+    """Reject what a kernel would read out of bounds (silently, on a GPU): token ids outside
+    the vocabulary, slots and block ids outside the cache, sampled rows outside the batch."""
+
+    def bounds(what: str, values: torch.Tensor, limit: int, low: int = 0) -> None:
+        if len(values) and (int(values.min()) < low or int(values.max()) >= limit):
+            raise ValueError(
+                f"resident forward: {what} must be in [{low}, {limit}), "
+                f"got {int(values.min())}..{int(values.max())}"
+            )
+
+    bounds("token ids", batch.token_ids, vocab)
+    bounds("slots", batch.slot_mapping, num_blocks * block_size, low=-1)
+    bounds("sampled rows", batch.logits_rows, rows)
+    if batch.num_decode:
+        bounds("decode block ids", batch.decode_block_tables.reshape(-1), num_blocks)
+        longest = int(batch.decode_context_lens.max())
+        if longest > batch.decode_block_tables.shape[1] * block_size:
+            raise ValueError("resident forward: a decode context is longer than its block table")
+    for p in batch.prefills:
+        used = p.block_table[: -(-p.context_len // block_size)]
+        bounds("prefill block ids", used, num_blocks)
+        if len(used) * block_size < p.context_len or p.length > p.context_len:
+            raise ValueError(
+                f"resident forward: a prefill chunk of {p.length} tokens with context "
+                f"{p.context_len} does not fit its {len(p.block_table)} blocks"
+            )
+
+
 class _StepInputs:
     """The step's int64 bookkeeping, packed on the host, uploaded in one copy, sliced on the
     device into views (token ids, positions, slots, tables, lengths, sampled rows)."""
@@ -187,6 +216,7 @@ class ResidentForward:
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         n_q, n_kv = heads * head_dim, kv_heads * head_dim
         block_size = int(k_caches[0].shape[1])
+        check_step(batch, self.embed.shape[0], int(k_caches[0].shape[0]), block_size, n_tok)
         inputs = _StepInputs(batch, block_size, ws)
         n_rows = int(batch.logits_rows.shape[0])
         launches = 0
