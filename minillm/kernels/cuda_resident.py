@@ -1,7 +1,7 @@
 """The whole Llama forward pass resident on the GPU: what the engine runs on the cuda backend.
 
 Op by op (``cuda.linear`` and friends, which the lessons call one at a time), every op takes
-host tensors, copies them over PCIe, launches one kernel and copies the result back: about 20
+host tensors, copies them over PCIe, launches one kernel and copies the result back: 14 such
 round trips per layer per step, which held decode on an H100 to 2.2 tok/s. Here nothing but
 the step's bookkeeping crosses the bus:
 
@@ -12,16 +12,21 @@ the step's bookkeeping crosses the bus:
   buffers that grows to the largest batch seen and is then reused (no allocation per step).
 - **out**: the logits of the rows the sampler needs, (S, V) float32.
 
-A step is 2 + 6 * layers + (prefill chunks) * layers + 1 launches (``cuda_fused``); 183 for
-SmolLM2 decode instead of ~600 plus their copies. Decode batches of any size (256 sequences
-and more) are one launch per part: every kernel loops over tokens on its second grid axis.
+A step is 2 + (5 + attention) * layers + 1 launches (``cuda_fused``; attention is one launch
+for all decode rows plus one per prefill chunk): 183 for a SmolLM2 decode step where op by op
+made 423, each with its copies (lesson 05 counts both). Decode batches of any size (256
+sequences and more) are one launch per part: every kernel loops over tokens on its second
+grid axis.
 
 CUDA graphs (capture the step's launches once, replay them with one call, as vLLM does for
-decode) are not used. numba-cuda has no API to capture its launches into a graph; capturing
-them with the driver's stream capture would also need every argument at a fixed address per
-batch size (the workspace gives that) and has not been tried on a GPU. With launches from
-Python costing ~5-20 us each, 183 launches bound single-stream decode at roughly 270-1000
-steps/s, which is where the next speed-up would come from.
+decode) are not used yet. numba-cuda 0.30 can launch into a ``cuda.core`` GraphBuilder (it
+accepts one where a stream goes), so capture is possible. What it needs: a replayed graph
+fixes every argument's address and shape, so each captured batch size needs its own inputs
+padded to a fixed shape (the decode block tables widen as contexts grow; vLLM pads to a
+ladder of captured sizes), with the step's inputs copied into those buffers before each replay.
+It has not been written because it can only be checked on a GPU. With Python-side launch costs
+of ~5-20 us, 183 launches bound single-stream decode at roughly 270-1000 steps/s, so that is
+where the next speed-up would come from.
 """
 
 from __future__ import annotations
