@@ -21,6 +21,11 @@ next to the weight bytes it streams. The matvec layout is ``cuda_linear.make_mat
 block of (lanes, rows_per_block) threads, each row slot a warp whose lanes sweep the row's
 GGUF blocks and fold their partial sums in a tree.
 
+Resources (ptxas -v, sm_90, Q4_1 weights, d = 576, 32 lanes x 4 row slots): qkv 80 registers
+and 3.3 KiB of shared memory per block, glu 78, norm_matvec 79, residual_matvec 40, rope_store
+32, no spills. At 80 registers a 128-thread block takes 10,240 of an SM's 65,536, so 6 blocks
+(24 warps) fit per SM at once.
+
 Shapes: T tokens, d model dim, H / KvH heads, D head dim, f FFN dim, V vocab.
 """
 
