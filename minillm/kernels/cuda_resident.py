@@ -199,8 +199,25 @@ class ResidentForward:
         self._no_bias = _no_bias()
         self.workspace = Workspace()
         self.launches = 0  # kernel launches so far (the lesson counts them per step)
+        self._prepared: dict[Any, list] = {}  # launch shapes -> each layer's kernels
 
     # ------------------------------------------------------------------ launch helpers
+    def _kernels(self, lc: Any) -> list[tuple[Any, Any, Any, Any]]:
+        """Each layer's (qkv, o, glu, down) kernels for these launch shapes, looked up once
+        (a layer's weight formats pick its compiled variants)."""
+        if lc not in self._prepared:
+            d, lanes, slots = self.config.hidden_size, lc.lanes, lc.rows_per_block
+            self._prepared[lc] = [
+                (
+                    make_qkv(layer.wq.format, layer.wk.format, layer.wv.format, lanes, slots, d),
+                    make_residual_matvec(layer.wo.format, lanes, slots),
+                    make_glu(layer.w_gate.format, layer.w_up.format, lanes, slots, d),
+                    make_residual_matvec(layer.w_down.format, lanes, slots),
+                )
+                for layer in self.layers
+            ]
+        return self._prepared[lc]
+
     def _matvec_grid(self, rows: int, tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return matvec_launch(self.launch, rows, tokens)
 
@@ -242,30 +259,26 @@ class ResidentForward:
         attn_flat = attn.reshape(n_tok, n_q)
         eps = np.float32(cfg.rms_norm_eps)
         scale = np.float32(self.scale)
-        for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
+        # launch shapes: the same for every layer of this step
+        qkv_grid = self._matvec_grid(n_q + 2 * n_kv, n_tok)
+        rope_grid = self._flat_grid(n_tok * (heads + 2 * kv_heads) * head_dim // 2)
+        d_grid = self._matvec_grid(d, n_tok)
+        glu_grid = self._matvec_grid(cfg.intermediate_size, n_tok)
+        rope_store = make_rope_store()
+        for layer, kernels, kc, vc in zip(
+            self.layers, self._kernels(lc), k_caches, v_caches, strict=True
+        ):
+            qkv_kernel, o_kernel, glu_kernel, down_kernel = kernels
             bq, bk, bv = layer.biases or (self._no_bias,) * 3
-            qkv_kernel = make_qkv(
-                layer.wq.format, layer.wk.format, layer.wv.format, lc.lanes, lc.rows_per_block, d
-            )
-            grid, block = self._matvec_grid(n_q + 2 * n_kv, n_tok)
-            qkv_kernel[grid, block](
+            qkv_kernel[qkv_grid](
                 x, layer.attn_norm, eps, layer.wq.data, layer.wk.data, layer.wv.data,
                 bq, bk, bv, int(layer.biases is not None), qkv,
             )  # fmt: skip
-            grid, threads = self._flat_grid(n_tok * (heads + 2 * kv_heads) * head_dim // 2)
-            make_rope_store()[grid, threads](qkv, cos, sin, inputs.slots, kc, vc, q)
+            rope_store[rope_grid](qkv, cos, sin, inputs.slots, kc, vc, q)
             launches += 2 + self._attention(q, kc, vc, attn, batch, inputs, scale)
-            o_kernel = make_residual_matvec(layer.wo.format, lc.lanes, lc.rows_per_block)
-            grid, block = self._matvec_grid(d, n_tok)
-            o_kernel[grid, block](layer.wo.data, attn_flat, x)
-            glu_kernel = make_glu(
-                layer.w_gate.format, layer.w_up.format, lc.lanes, lc.rows_per_block, d
-            )
-            grid, block = self._matvec_grid(cfg.intermediate_size, n_tok)
-            glu_kernel[grid, block](x, layer.ffn_norm, eps, layer.w_gate.data, layer.w_up.data, act)
-            down_kernel = make_residual_matvec(layer.w_down.format, lc.lanes, lc.rows_per_block)
-            grid, block = self._matvec_grid(d, n_tok)
-            down_kernel[grid, block](layer.w_down.data, act, x)
+            o_kernel[d_grid](layer.wo.data, attn_flat, x)
+            glu_kernel[glu_grid](x, layer.ffn_norm, eps, layer.w_gate.data, layer.w_up.data, act)
+            down_kernel[d_grid](layer.w_down.data, act, x)
             launches += 3
 
         vocab = self.lm_head.shape[0]
