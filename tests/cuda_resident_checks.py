@@ -188,6 +188,25 @@ def check_resident_engine_matches_ref() -> None:
         engine.step()
 
 
+def check_resident_qwen2_biases_and_tied_head() -> None:
+    """Qwen2's q/k/v biases (added in the fused qkv kernel) and its lm_head tied to the
+    embedding table: the resident engine gives ref's greedy tokens."""
+    from minillm import LLM, SamplingParams
+
+    t = _helpers()
+    folder = str(t._tiny_model_dir("tiny_qwen2_cuda", arch="qwen2"))
+    opts = dict(block_size=4, num_kv_blocks=16)
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    tokens = {}
+    for backend in ("cuda", "ref"):
+        llm = LLM(folder, backend=backend, **opts)
+        tokens[backend] = llm.generate("paged attention", greedy)[0].outputs[0].token_ids
+        if backend == "cuda":
+            assert llm.engine.runner.model.resident is not None
+            assert llm.engine.runner.model.layers[0].bq is not None, "the tiny Qwen2 has biases"
+    assert tokens["cuda"] == tokens["ref"], tokens
+
+
 def check_resident_batch_of_256_decodes_and_a_prefill() -> None:
     """One forward of 256 decode rows (one sequence 5 tokens deep, 255 at position 0) plus a
     prefill chunk that continues another sequence, on the quantized tiny model: logits and
@@ -295,5 +314,6 @@ RESIDENT_CHECKS = [
     check_fused_matvecs_match_ops,
     check_rope_table_and_rope_store,
     check_resident_engine_matches_ref,
+    check_resident_qwen2_biases_and_tied_head,
     check_resident_batch_of_256_decodes_and_a_prefill,
 ]

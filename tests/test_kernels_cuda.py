@@ -10,7 +10,8 @@ With a real GPU the same checks also run in-process, for real (`cuda` marker), p
 test; both skip with a reason when numba.cuda sees no GPU.
 
 The simulator runs every CUDA thread as a Python thread, so shapes are tiny (8-64) and the whole
-file takes about a minute or two on an idle 2-core machine.
+file takes about two minutes on an idle 2-core machine. The resident path's checks live in
+cuda_resident_checks.py and run here with the rest.
 """
 
 from __future__ import annotations
@@ -266,14 +267,14 @@ def _greedy_tokens(engine, prompts: list[str], max_tokens: int) -> list[list[int
     return [list(done[f"r{i}"]) for i in range(len(prompts))]
 
 
-def _tiny_model_dir(name: str = "tiny_llama_cuda", **shape: int) -> Path:
-    """A tiny random Llama in the run's temp folder (made once); `shape` overrides HF config
-    fields (hidden_size=32, ...)."""
+def _tiny_model_dir(name: str = "tiny_llama_cuda", arch: str = "llama", **shape: int) -> Path:
+    """A tiny random Llama (or Qwen2) in the run's temp folder, made once; `shape` overrides
+    HF config fields (hidden_size=32, ...)."""
     from minillm.testing import make_tiny_model
 
     folder = Path(os.environ.get("MINILLM_CUDA_TEST_TMP", "/tmp")) / name
     if not (folder / "config.json").exists():
-        make_tiny_model(folder, "llama", **shape)
+        make_tiny_model(folder, arch, **shape)
     return folder
 
 
