@@ -21,7 +21,7 @@ Where the data lives:
   them back, which costs 2 * layers * context * KvH * D * 4 bytes per sequence per step. Both
   paths are tested.
 
-Launch shapes are a ``LaunchConfig``: the GPU one (a warp per matvec row, 64-column x 16-token
+Launch shapes are a ``LaunchConfig`` (``cuda_launch.py``): the GPU one (a warp per matvec row, 64-column x 16-token
 matmul tiles, a block per work item) or a small one for the simulator, where each thread costs
 a Python thread and each barrier a round of thread switches. The kernels are correct under
 either (grid-stride loops), and the tests run both.
@@ -29,11 +29,7 @@ either (grid-stride loops), and the tests run both.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,16 +38,17 @@ from numba import cuda
 
 from minillm.formats.blocks import QuantTensor
 
+# the launch shapes live in cuda_launch; tests, lessons and benchmarks reach them as cu.*
+from minillm.kernels.cuda_launch import (  # noqa: F401 - GPU_LAUNCH & co. are re-exported
+    GPU_LAUNCH,
+    SIM_LAUNCH,
+    SIMULATED,
+    LaunchConfig,
+    launch_config,
+    simulator_switching,
+    use_launch_config,
+)
 
-def _simulator_enabled() -> bool:
-    try:
-        from numba.cuda.core import config
-    except ImportError:  # older numba keeps the flag in numba.config
-        from numba import config
-    return bool(config.ENABLE_CUDASIM)
-
-
-SIMULATED = _simulator_enabled()
 if not SIMULATED and not cuda.is_available():
     raise ImportError(
         "backend 'cuda' needs an NVIDIA GPU that numba.cuda can use, or numba's simulator: set "
@@ -75,80 +72,8 @@ from minillm.kernels.cuda_quant import KERNEL_FORMATS  # noqa: E402
 name = "cuda"
 
 
-# ----------------------------------------------------------------------------- launch shapes
-@dataclass(frozen=True)
-class LaunchConfig:
-    tile_cols: int  # tiled matmul: threads per block = weight rows per output tile
-    tile_rows: int  # tiled matmul: tokens per output tile (accumulators per thread)
-    tile_depth: int  # tiled matmul: K step per pair of barriers
-    lanes: int  # matvec: threads that share one output row (a warp on a GPU)
-    rows_per_block: int  # matvec: rows (warps) per block
-    norm_threads: int  # RMSNorm: threads per row
-    attn_threads: int  # attention: keys (decode) or queries (prefill) per block
-    elementwise_threads: int  # embedding, RoPE, SiLU-mul, store_kv
-    max_blocks: int  # grid cap; grid-stride loops cover the rest
-
-
-GPU_LAUNCH = LaunchConfig(
-    tile_cols=64,
-    tile_rows=16,
-    tile_depth=32,
-    lanes=32,
-    rows_per_block=4,
-    norm_threads=128,
-    attn_threads=32,
-    elementwise_threads=256,
-    max_blocks=65535,
-)
-# The simulator pays per thread (a Python thread each) and per barrier (a round of thread
-# switches), so it gets few threads and few blocks; the kernels loop over the rest.
-SIM_LAUNCH = LaunchConfig(
-    tile_cols=16,
-    tile_rows=16,
-    tile_depth=64,
-    lanes=1,
-    rows_per_block=4,
-    norm_threads=4,
-    attn_threads=8,
-    elementwise_threads=32,
-    max_blocks=1,
-)
-
-_launch = SIM_LAUNCH if SIMULATED else GPU_LAUNCH
-
-
-def launch_config() -> LaunchConfig:
-    return _launch
-
-
-@contextlib.contextmanager
-def use_launch_config(config: LaunchConfig) -> Iterator[LaunchConfig]:
-    """Run the ops with other launch shapes, e.g. the GPU's under the simulator in tests."""
-    global _launch
-    previous, _launch = _launch, config
-    try:
-        yield config
-    finally:
-        _launch = previous
-
-
-@contextlib.contextmanager
-def _simulator_switching() -> Iterator[None]:
-    """In the simulator a barrier is a hand-off between Python threads; the default 5 ms GIL
-    switch interval makes each one slow, so launches run with a short one (restored after)."""
-    if not SIMULATED:
-        yield
-        return
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(float(os.environ.get("MINILLM_CUDASIM_SWITCH", "1e-4")))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
-
-
 def _grid(work_items: int) -> int:
-    return max(1, min(work_items, _launch.max_blocks))
+    return max(1, min(work_items, launch_config().max_blocks))
 
 
 # ----------------------------------------------------------------------------- data movement
@@ -244,8 +169,8 @@ def embedding(ids: torch.Tensor, table: DeviceWeight) -> torch.Tensor:
         )
     out = _empty(len(ids), dim)
     if len(ids):
-        threads = _launch.elementwise_threads
-        with _simulator_switching():
+        threads = launch_config().elementwise_threads
+        with simulator_switching():
             make_embedding(table.format)[_grid(-(-len(ids) * dim // threads)), threads](
                 _to_device(ids, np.int64), table.data, out
             )
@@ -268,8 +193,8 @@ def linear(x: torch.Tensor, w: DeviceWeight, bias: object | None = None) -> torc
         raise ValueError(f"linear: bias has {b.shape[0]} entries, the weight has {n_out} rows")
     out = _empty(n_tok, n_out)
     if n_tok:
-        cfg = _launch
-        with _simulator_switching():
+        cfg = launch_config()
+        with simulator_switching():
             if w.format == "F32" and n_tok > 1:
                 tiles = -(-n_tok // cfg.tile_rows) * -(-n_out // cfg.tile_cols)
                 kernel = make_tiled_matmul(cfg.tile_cols, cfg.tile_rows, cfg.tile_depth)
@@ -292,8 +217,8 @@ def rms_norm(x: torch.Tensor, weight: object, eps: float) -> torch.Tensor:
     x2 = _to_device(x.reshape(-1, dim))
     out = _empty(x2.shape[0], dim)
     if x2.shape[0]:
-        threads = _launch.norm_threads
-        with _simulator_switching():
+        threads = launch_config().norm_threads
+        with simulator_switching():
             make_rms_norm(threads)[_grid(x2.shape[0]), threads](x2, w, np.float32(eps), out)
     return _to_torch(out).reshape(x.shape)
 
@@ -309,8 +234,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     out = _empty(n_tok, n_head, dim)
     total = n_tok * n_head * dim // 2
     if total:
-        threads = _launch.elementwise_threads
-        with _simulator_switching():
+        threads = launch_config().elementwise_threads
+        with simulator_switching():
             make_rope()[_grid(-(-total // threads)), threads](
                 _to_device(x), _to_device(cos), _to_device(sin), out
             )
@@ -323,8 +248,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     out = _empty(gate.numel())
     if gate.numel():
-        threads = _launch.elementwise_threads
-        with _simulator_switching():
+        threads = launch_config().elementwise_threads
+        with simulator_switching():
             make_silu_mul()[_grid(-(-gate.numel() // threads)), threads](
                 _to_device(gate.reshape(-1)), _to_device(up.reshape(-1)), out
             )
@@ -471,8 +396,8 @@ def store_kv(
     bs = int(k_cache.shape[1])
     blocks = _PagedBlocks(k_cache, v_cache, slot_mapping[slot_mapping >= 0] // bs)
     total = k.numel()
-    threads = _launch.elementwise_threads
-    with _simulator_switching():
+    threads = launch_config().elementwise_threads
+    with simulator_switching():
         make_store_kv()[_grid(-(-total // threads)), threads](
             _to_device(k), _to_device(v), blocks.k, blocks.v, blocks.slots(slot_mapping)
         )
@@ -502,8 +427,8 @@ def attention_prefill(
     used = block_table[: -(-context_len // int(k_cache.shape[1]))]
     blocks = _PagedBlocks(k_cache, v_cache, used)
     out = _empty(n_new, n_head, dim)
-    threads = _launch.attn_threads
-    with _simulator_switching():
+    threads = launch_config().attn_threads
+    with simulator_switching():
         make_paged_prefill_attention(threads, dim)[_grid(-(-n_new // threads) * n_head), threads](
             _to_device(q),
             blocks.k,
@@ -542,8 +467,8 @@ def attention_decode_paged(
     blocks = _PagedBlocks(k_cache, v_cache, block_tables)
     out = _empty(n_seq, n_head, dim)
     if n_seq:
-        threads = _launch.attn_threads
-        with _simulator_switching():
+        threads = launch_config().attn_threads
+        with simulator_switching():
             make_paged_decode_attention(threads, dim)[_grid(n_seq * n_head), threads](
                 _to_device(q),
                 blocks.k,

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from numba import cuda
 
-from minillm.kernels.cuda import DeviceWeight, _no_bias, _simulator_switching, launch_config
 from minillm.kernels.cuda_attention import (
     make_paged_decode_attention,
     make_paged_prefill_attention,
@@ -51,6 +50,7 @@ from minillm.kernels.cuda_fused import (
     make_rope_store,
     make_rope_table,
 )
+from minillm.kernels.cuda_launch import launch_config, simulator_switching
 from minillm.kernels.cuda_pointwise import make_embedding
 
 
@@ -185,7 +185,7 @@ class ResidentForward:
         self.layers = []
         for layer in model.layers:
             mats = [layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down]
-            if not all(isinstance(m, DeviceWeight) for m in mats):
+            if not all(hasattr(m, "format") and hasattr(m.data, "copy_to_host") for m in mats):
                 raise TypeError("ResidentForward needs weights prepared by the cuda backend")
             biases = (layer.bq, layer.bk, layer.bv)
             if all(b is None for b in biases):
@@ -196,7 +196,7 @@ class ResidentForward:
                     for b, m in zip(biases, mats[:3], strict=True)
                 )
             self.layers.append(_Layer(layer.attn_norm, layer.ffn_norm, *mats, kept))
-        self._no_bias = _no_bias()
+        self._no_bias = cuda.to_device(np.zeros(1, np.float32))  # kernels take a bias array
         self.workspace = Workspace()
         self.launches = 0  # kernel launches so far (the lesson counts them per step)
         self._prepared: dict[Any, list] = {}  # launch shapes -> each layer's kernels
@@ -229,7 +229,7 @@ class ResidentForward:
         """One step: the batch's tokens through every layer (K/V written into the caches);
         returns the logits (S, V) of batch.logits_rows, on the host."""
         self.launch = launch_config()  # the shapes in force (tests switch them)
-        with _simulator_switching():
+        with simulator_switching():
             return self._step(batch, k_caches, v_caches)
 
     def _step(self, batch: Any, k_caches: list, v_caches: list) -> torch.Tensor:
