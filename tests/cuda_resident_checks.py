@@ -36,7 +36,7 @@ def check_fused_matvecs_match_ops() -> None:
     from numba import cuda
 
     from minillm.kernels.cuda_fused import make_glu, make_norm_matvec, make_qkv
-    from minillm.kernels.cuda_fused import make_residual_matvec as make_residual
+    from minillm.kernels.cuda_linear import make_matvec
     from minillm.kernels.cuda_resident import matvec_launch
 
     t = _helpers()
@@ -90,8 +90,8 @@ def check_fused_matvecs_match_ops() -> None:
         a = torch.randn(3, 32, generator=g)
         resid = _dev(x)
         grid, block = matvec_launch(cfg, d, 3)
-        make_residual(fmts[1], cfg.lanes, cfg.rows_per_block)[grid, block](
-            cu.prepare_linear(down).data, _dev(a), resid
+        make_matvec(fmts[1], cfg.lanes, cfg.rows_per_block, accumulate=True)[grid, block](
+            cu.prepare_linear(down).data, _dev(a), cu._no_bias(), 0, resid
         )
         t._close(_host(resid), x + ref.linear(a, ref.prepare_linear(down)), "residual " + what)
 

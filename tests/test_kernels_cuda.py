@@ -498,7 +498,7 @@ for fmt in ("F32", "Q8_0", "Q4_0", "Q4_1"):
     qkv_sig = (f2, f1, float32, w, w, w, f1, f1, f1, int64, f2)
     kernels["qkv_" + fmt] = (F.make_qkv(fmt, fmt, fmt, 32, 4, 576), qkv_sig)
     kernels["glu_" + fmt] = (F.make_glu(fmt, fmt, 32, 4, 576), (f2, f1, float32, w, w, f2))
-    kernels["residual_" + fmt] = (F.make_residual_matvec(fmt, 32, 4), (w, f2, f2))
+    kernels["residual_" + fmt] = (L.make_matvec(fmt, 32, 4, True), (w, f2, f1, int64, f2))
     norm_sig = (f2, i1, f1, float32, w, f2)
     kernels["norm_matvec_" + fmt] = (F.make_norm_matvec(fmt, 32, 4, 576), norm_sig)
 u8 = uint8[:, ::1]

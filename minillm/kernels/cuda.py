@@ -21,10 +21,9 @@ Where the data lives:
   them back, which costs 2 * layers * context * KvH * D * 4 bytes per sequence per step. Both
   paths are tested.
 
-Launch shapes are a ``LaunchConfig`` (``cuda_launch.py``): the GPU one (a warp per matvec row, 64-column x 16-token
-matmul tiles, a block per work item) or a small one for the simulator, where each thread costs
-a Python thread and each barrier a round of thread switches. The kernels are correct under
-either (grid-stride loops), and the tests run both.
+Launch shapes (the GPU's, or the simulator's few threads) are a ``LaunchConfig`` from
+``cuda_launch.py``; the kernels are correct under either (grid-stride loops), and the tests
+run both.
 """
 
 from __future__ import annotations

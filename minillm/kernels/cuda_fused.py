@@ -6,9 +6,10 @@ makes a round trip through global memory. Fused, a layer is six launches:
 1. ``qkv``: RMSNorm + the q, k and v projections (three weights, one grid over all their rows)
 2. ``rope_store``: RoPE on q and k, and k, v written to their paged-cache slots
 3. paged attention (``cuda_attention``)
-4. ``residual_matvec``: the o projection, added into the residual stream in place
+4. ``cuda_linear.make_matvec(accumulate=True)``: the o projection, added into the residual
+   stream in place
 5. ``glu``: RMSNorm + gate and up + SiLU(gate) * up (the same row of both, in one warp)
-6. ``residual_matvec``: the down projection, added into the residual stream in place
+6. ``make_matvec(accumulate=True)`` again: the down projection, added in place
 
 and the step adds ``rope_table`` (cos/sin of every position, once for all layers), the
 embedding, and ``norm_matvec`` (final RMSNorm + lm_head on just the rows to sample).
@@ -22,8 +23,8 @@ block of (lanes, rows_per_block) threads, each row slot a warp whose lanes sweep
 GGUF blocks and fold their partial sums in a tree.
 
 Resources (ptxas -v, sm_90, Q4_1 weights, d = 576, 32 lanes x 4 row slots): qkv 80 registers
-and 3.3 KiB of shared memory per block, glu 78, norm_matvec 79, residual_matvec 40, rope_store
-32, no spills. At 80 registers a 128-thread block takes 10,240 of an SM's 65,536, so 6 blocks
+and 3.3 KiB of shared memory per block, glu 78, norm_matvec 79, rope_store 32,
+no spills. At 80 registers a 128-thread block takes 10,240 of an SM's 65,536, so 6 blocks
 (24 warps) fit per SM at once.
 
 Shapes: T tokens, d model dim, H / KvH heads, D head dim, f FFN dim, V vocab.
@@ -36,7 +37,7 @@ import math
 
 from numba import cuda, float32, float64
 
-from minillm.kernels.cuda_linear import check_power_of_two
+from minillm.kernels.cuda_linear import check_power_of_two, lane_sum
 from minillm.kernels.cuda_quant import KERNEL_FORMATS, ROW_DOT
 
 
@@ -63,24 +64,6 @@ def stage_normed_row(x, t, norm_w, eps, staged, partial, tid, n_threads):
     for i in range(tid, dim, n_threads):
         staged[0, i] = staged[0, i] * inv_rms * norm_w[i]
     cuda.syncthreads()
-
-
-@cuda.jit(device=True, inline=True)
-def lane_sum(acc, partial, slot, lane, lanes):
-    """The sum of `acc` over the lanes of row slot `slot` (valid in lane 0; all lanes call)."""
-    if lanes == 1:
-        return acc
-    partial[slot, lane] = acc
-    cuda.syncthreads()
-    half = lanes // 2
-    while half > 0:
-        if lane < half:
-            partial[slot, lane] += partial[slot, lane + half]
-        cuda.syncthreads()
-        half //= 2
-    total = partial[slot, 0]
-    cuda.syncthreads()  # read before the next row's partial sums overwrite it
-    return total
 
 
 def _check(formats: tuple[str, ...], lanes: int, rows_per_block: int) -> None:
@@ -168,32 +151,6 @@ def make_glu(fg: str, fu: str, lanes: int, rows_per_block: int, dim: int):  # no
                     out[t, row] = gate / (float32(1.0) + math.exp(-gate)) * up
 
     return cuda.jit(glu)
-
-
-@functools.cache
-def make_residual_matvec(fmt: str, lanes: int, rows_per_block: int):  # noqa: ANN201
-    """out (T, N) += a (T, K) @ W.T: the o and down projections added into the residual
-    stream in place (each element is written by one thread, and a is another buffer)."""
-    _check((fmt,), lanes, rows_per_block)
-    row_dot = ROW_DOT[fmt]
-
-    def residual_matvec(w, a, out):
-        lane, slot = cuda.threadIdx.x, cuda.threadIdx.y
-        partial = cuda.shared.array((rows_per_block, lanes), float32)
-        n_rows = out.shape[1]
-        for t in range(cuda.blockIdx.y, a.shape[0], cuda.gridDim.y):
-            for first in range(
-                cuda.blockIdx.x * rows_per_block, n_rows, cuda.gridDim.x * rows_per_block
-            ):
-                row = first + slot
-                acc = float32(0.0)
-                if row < n_rows:
-                    acc = row_dot(w, row, lane, lanes, a, t)
-                total = lane_sum(acc, partial, slot, lane, lanes)
-                if lane == 0 and row < n_rows:
-                    out[t, row] += total
-
-    return cuda.jit(residual_matvec)
 
 
 @functools.cache

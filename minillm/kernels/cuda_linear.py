@@ -101,13 +101,35 @@ def make_tiled_matmul(cols: int, rows: int, depth: int):  # noqa: ANN201 - a num
     return cuda.jit(tiled_matmul)
 
 
+@cuda.jit(device=True, inline=True)
+def lane_sum(acc, partial, slot, lane, lanes):
+    """The sum of `acc` over the lanes of row slot `slot`, valid in lane 0 (every lane calls):
+    the partial sums meet in partial[slot, :] and a tree halves them in log2(lanes) barrier
+    steps. One lane per row (a compile-time constant) needs no reduction."""
+    if lanes == 1:
+        return acc
+    partial[slot, lane] = acc
+    cuda.syncthreads()
+    half = lanes // 2
+    while half > 0:  # tree: lanes -> lanes/2 -> ... -> 1 partial sums
+        if lane < half:
+            partial[slot, lane] += partial[slot, lane + half]
+        cuda.syncthreads()
+        half //= 2
+    total = partial[slot, 0]
+    cuda.syncthreads()  # read before the next row's partial sums overwrite it
+    return total
+
+
 @functools.cache
-def make_matvec(fmt: str, lanes: int, rows_per_block: int):  # noqa: ANN201 - a numba.cuda kernel
-    """out (T, N) = x (T, K) @ W.T (+ bias) with W (N, K) in block format `fmt`.
+def make_matvec(fmt: str, lanes: int, rows_per_block: int, accumulate: bool = False):  # noqa: ANN201
+    """out (T, N) = x (T, K) @ W.T (+ bias) with W (N, K) in block format `fmt`; with
+    `accumulate`, out += x @ W.T instead (the resident path adds the o and down projections
+    into the residual stream in place: each element has one writer, and x is another buffer).
 
     Launch with block (lanes, rows_per_block) and grid (row groups, tokens). Lane `lane` of row
     slot `slot` sums the dots of blocks lane, lane + lanes, ... of its row; the partial sums
-    meet in shared memory and a tree halves them in log2(lanes) barrier steps.
+    meet in shared memory and a tree halves them in log2(lanes) barrier steps (``lane_sum``).
 
     On a GPU lanes = 32 makes each row one warp; adjacent lanes read adjacent blocks, so the
     warp streams the row's bytes front to back. A production kernel would finish the sum with
@@ -136,20 +158,12 @@ def make_matvec(fmt: str, lanes: int, rows_per_block: int):  # noqa: ANN201 - a 
                 acc = float32(0.0)
                 if row < n_rows:
                     acc = row_dot(w, row, lane, lanes, x, t)
-                if lanes == 1:  # a compile-time constant: one lane per row needs no reduction
-                    if row < n_rows:
-                        out[t, row] = acc + bias[row] if use_bias else acc
-                    continue
-                partial[slot, lane] = acc
-                cuda.syncthreads()
-                half = lanes // 2
-                while half > 0:  # tree: lanes -> lanes/2 -> ... -> 1 partial sums
-                    if lane < half:
-                        partial[slot, lane] += partial[slot, lane + half]
-                    cuda.syncthreads()
-                    half //= 2
+                total = lane_sum(acc, partial, slot, lane, lanes)
                 if lane == 0 and row < n_rows:
-                    out[t, row] = partial[slot, 0] + bias[row] if use_bias else partial[slot, 0]
-                cuda.syncthreads()  # partial[slot, 0] is read before the next rows overwrite it
+                    if use_bias:
+                        total += bias[row]
+                    if accumulate:  # a compile-time constant
+                        total += out[t, row]
+                    out[t, row] = total
 
     return cuda.jit(matvec)

@@ -182,10 +182,7 @@ def _row_dot(block_dot, per_block: int):  # noqa: ANN001, ANN202 - a device func
     return row_dot
 
 
-ROW_DOT = {
-    "F32": row_dot_f32,
-    "Q8_0": _row_dot(dot_q8_0, 32),
-    "Q4_0": _row_dot(dot_q4_0, 32),
-    "Q4_1": _row_dot(dot_q4_1, 32),
+ROW_DOT = {"F32": row_dot_f32} | {
+    fmt: _row_dot(BLOCK_DOT[fmt], KERNEL_FORMATS[fmt][0]) for fmt in ("Q8_0", "Q4_0", "Q4_1")
 }
 VALUE = {"F32": value_f32, "Q8_0": value_q8_0, "Q4_0": value_q4_0, "Q4_1": value_q4_1}

@@ -46,11 +46,11 @@ from minillm.kernels.cuda_fused import (
     make_glu,
     make_norm_matvec,
     make_qkv,
-    make_residual_matvec,
     make_rope_store,
     make_rope_table,
 )
 from minillm.kernels.cuda_launch import launch_config, simulator_switching
+from minillm.kernels.cuda_linear import make_matvec
 from minillm.kernels.cuda_pointwise import make_embedding
 
 
@@ -148,7 +148,6 @@ class _StepInputs:
                 ("decode_tables", batch.decode_block_tables.numpy()),
                 ("decode_lens", batch.decode_context_lens.numpy()),
             ]
-        self.prefill_tables: list[Any] = []
         for i, p in enumerate(batch.prefills):
             used = -(-p.context_len // block_size)
             parts.append((f"prefill_table{i}", p.block_table.numpy()[:used]))
@@ -178,7 +177,6 @@ class ResidentForward:
     def __init__(self, model: Any) -> None:
         cfg = model.config
         self.config = cfg
-        self.launch = launch_config()
         self.scale = float(model.scale)
         self.embed, self.final_norm, self.lm_head = model.embed, model.final_norm, model.lm_head
         self.inv_freq = cuda.to_device(np.ascontiguousarray(model.inv_freq.numpy(), np.float64))
@@ -210,9 +208,9 @@ class ResidentForward:
             self._prepared[lc] = [
                 (
                     make_qkv(layer.wq.format, layer.wk.format, layer.wv.format, lanes, slots, d),
-                    make_residual_matvec(layer.wo.format, lanes, slots),
+                    make_matvec(layer.wo.format, lanes, slots, accumulate=True),
                     make_glu(layer.w_gate.format, layer.w_up.format, lanes, slots, d),
-                    make_residual_matvec(layer.w_down.format, lanes, slots),
+                    make_matvec(layer.w_down.format, lanes, slots, accumulate=True),
                 )
                 for layer in self.layers
             ]
@@ -276,9 +274,9 @@ class ResidentForward:
             )  # fmt: skip
             rope_store[rope_grid](qkv, cos, sin, inputs.slots, kc, vc, q)
             launches += 2 + self._attention(q, kc, vc, attn, batch, inputs, scale)
-            o_kernel[d_grid](layer.wo.data, attn_flat, x)
+            o_kernel[d_grid](layer.wo.data, attn_flat, self._no_bias, 0, x)
             glu_kernel[glu_grid](x, layer.ffn_norm, eps, layer.w_gate.data, layer.w_up.data, act)
-            down_kernel[d_grid](layer.w_down.data, act, x)
+            down_kernel[d_grid](layer.w_down.data, act, self._no_bias, 0, x)
             launches += 3
 
         vocab = self.lm_head.shape[0]
